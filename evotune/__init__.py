@@ -1,0 +1,49 @@
+"""evotune: train Hugging Face causal LMs on InternEvo data and checkpoints.
+
+Names used in configs (``type=...``) and the Python API are importable from
+here. They are resolved lazily so that ``import evotune`` stays cheap.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+__version__ = "0.1.0"
+
+# public name -> module that defines it
+_EXPORTS: dict[str, str] = {
+    "EvotuneError": "evotune.errors",
+    "load_config": "evotune.config",
+    "build": "evotune.config",
+    # data
+    "load_intern_repo_tokenized_dataset": "evotune.data.ftdp",
+    "build_packed_dataset": "evotune.data.packing",
+    "InternRepoSampler": "evotune.data.sampler",
+    "SequenceParallelSampler": "evotune.data.sampler",
+    "packed_collate": "evotune.data.collate",
+    "write_bin": "evotune.data.ftdp_write",
+    "BinWriter": "evotune.data.ftdp_write",
+    # model
+    "load_model": "evotune.model.load",
+    "load_tokenizer": "evotune.model.load",
+    "SupervisedFinetune": "evotune.model.finetune",
+    # optimisation
+    "AdamW": "torch.optim",
+    "LinearLR": "evotune.train.schedule",
+    "CosineAnnealingLR": "evotune.train.schedule",
+}
+
+__all__ = sorted(_EXPORTS) + ["__version__"]
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'evotune' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return __all__
