@@ -15,6 +15,7 @@ from evotune.errors import EvotuneError
 
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
+    "demo": ("evotune.demo", "train a tiny model on built-in data (CPU, a few minutes)"),
     "train": ("evotune.train.run", "train a model from a config file"),
     "list-cfg": ("evotune.configs", "list the shipped configs"),
     "copy-cfg": ("evotune.configs", "copy a shipped config to a folder"),

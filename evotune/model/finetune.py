@@ -1,0 +1,74 @@
+"""The trained module: a causal LM plus InternEvo's loss on packed rows.
+
+``SupervisedFinetune`` (XTuner's name) wraps a transformers model. Its forward
+runs the decoder on one packed row with the document boundaries as keyword
+arguments, keeps the hidden states of supervised tokens only, and returns the
+weighted chunked cross-entropy sum. Being the outermost module, it is also the
+FSDP root, so the embedding, final norm and head are gathered by its own hook.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from evotune.config import build
+from evotune.model.attention import register as register_varlen
+from evotune.model.loss import DEFAULT_CHUNK_TOKENS, chunked_cross_entropy
+
+
+class SupervisedFinetune(nn.Module):
+    """Causal LM + chunked loss. ``llm`` is a model or a ``type=`` dict building one.
+
+    ``use_varlen_attn=True``: attention stays inside each document (cu_seqlens);
+    ``False``: plain causal attention over the whole packed row (SDPA), with the
+    pack's restarting positions still used for RoPE.
+    """
+
+    def __init__(
+        self,
+        llm,
+        use_varlen_attn: bool = True,
+        activation_checkpointing: bool = True,
+        loss_chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+        label_smoothing: float = 0.0,
+    ):
+        super().__init__()
+        self.llm = build(llm)
+        self.use_varlen_attn = use_varlen_attn
+        self.loss_chunk_tokens = loss_chunk_tokens
+        self.label_smoothing = label_smoothing
+        self.llm.set_attn_implementation(register_varlen() if use_varlen_attn else "sdpa")
+        self.llm.config.use_cache = False
+        if activation_checkpointing:
+            kwargs = {"use_reentrant": False}
+            if hasattr(self.llm, "activation_checkpointing_enable"):  # transformers >= 5.x
+                self.llm.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+            else:
+                self.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor,
+        loss_index: torch.Tensor,
+        loss_labels: torch.Tensor,
+        loss_weight: torch.Tensor,
+        cu_seq_lens_q: torch.Tensor | None = None,
+        cu_seq_lens_k: torch.Tensor | None = None,
+        max_length_q: int | None = None,
+        max_length_k: int | None = None,
+    ) -> torch.Tensor:
+        """Weighted sum of per-token CE over the supervised tokens of the row."""
+        varlen = {}
+        if self.use_varlen_attn:
+            varlen = dict(cu_seq_lens_q=cu_seq_lens_q, cu_seq_lens_k=cu_seq_lens_k,
+                          max_length_q=max_length_q, max_length_k=max_length_k)
+        hidden = self.llm.base_model(input_ids=input_ids, position_ids=position_ids, use_cache=False,
+                                     **varlen).last_hidden_state
+        hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, loss_index)
+        head = self.llm.get_output_embeddings()
+        return chunked_cross_entropy(
+            hidden, head.weight, loss_labels, loss_weight, bias=head.bias,
+            chunk_tokens=self.loss_chunk_tokens, label_smoothing=self.label_smoothing,
+        )

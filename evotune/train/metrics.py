@@ -1,0 +1,67 @@
+"""Step metrics: log lines, ``metrics.jsonl``, throughput and model FLOPs.
+
+Model FLOPs are counted on the real document lengths (DESIGN.md §9): per
+trained token ``6 * P`` for the matrix parameters (every linear layer,
+embeddings excluded since a lookup does no matmul, the head included), plus
+causal attention ``6 * L * d_attn * n^2`` for each document segment of length
+``n`` (forward ``2 * L * d_attn * n^2`` for QK^T and AV over the causal half,
+backward twice that). Activation recomputation is not counted: MFU reports
+useful work, not work done.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable
+
+import numpy as np
+import torch
+from torch import nn
+
+# dense bf16 peak TFLOP/s by device name fragment (DESIGN.md §9)
+PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "A800": 312.0, "H800": 989.0}
+
+
+def matmul_params(llm: nn.Module) -> int:
+    """Parameters of linear layers (incl. the head), not of embeddings or norms."""
+    return sum(m.weight.numel() for m in llm.modules() if isinstance(m, nn.Linear))
+
+
+def attention_dim(llm: nn.Module) -> tuple[int, int]:
+    cfg = llm.config
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    return cfg.num_hidden_layers, cfg.num_attention_heads * head_dim
+
+
+def model_flops(n_matmul_params: int, n_layers: int, attn_dim: int, doc_lengths: Iterable[int]) -> float:
+    """Training FLOPs (forward + backward) for documents of the given lengths."""
+    lengths = np.asarray(list(doc_lengths), dtype=np.float64)
+    return 6.0 * n_matmul_params * lengths.sum() + 6.0 * n_layers * attn_dim * float((lengths**2).sum())
+
+
+def peak_tflops(device: torch.device) -> float | None:
+    """Peak dense bf16 TFLOP/s of the device, from EVOTUNE_PEAK_TFLOPS or the name."""
+    if "EVOTUNE_PEAK_TFLOPS" in os.environ:
+        return float(os.environ["EVOTUNE_PEAK_TFLOPS"])
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
+
+
+class MetricsWriter:
+    """Append one JSON object per step to ``<work_dir>/metrics.jsonl`` (rank 0 only)."""
+
+    def __init__(self, path: str, enabled: bool = True, append: bool = False):
+        self.enabled = enabled
+        self._file = open(path, "a" if append else "w", encoding="utf-8") if enabled else None
+
+    def write(self, record: dict) -> None:
+        if self._file is not None:
+            self._file.write(json.dumps(record) + "\n")
+            self._file.flush()
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
