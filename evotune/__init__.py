@@ -26,6 +26,7 @@ _EXPORTS: dict[str, str] = {
     # model
     "load_model": "evotune.model.load",
     "load_tokenizer": "evotune.model.load",
+    "save_hf": "evotune.checkpoint.hf",
     "SupervisedFinetune": "evotune.model.finetune",
     # optimisation
     "AdamW": "torch.optim",
