@@ -20,9 +20,10 @@ from evotune.model.loss import DEFAULT_CHUNK_TOKENS, chunked_cross_entropy
 class SupervisedFinetune(nn.Module):
     """Causal LM + chunked loss. ``llm`` is a model or a ``type=`` dict building one.
 
-    ``use_varlen_attn=True``: attention stays inside each document (cu_seqlens);
-    ``False``: plain causal attention over the whole packed row (SDPA), with the
-    pack's restarting positions still used for RoPE.
+    ``use_varlen_attn=True``: attention stays inside each document (cu_seqlens)
+    and positions restart per document; ``False`` (XTuner's meaning): plain
+    causal attention over the whole packed row with positions 0..P-1, so
+    documents see each other.
     """
 
     def __init__(
@@ -38,7 +39,7 @@ class SupervisedFinetune(nn.Module):
         self.use_varlen_attn = use_varlen_attn
         self.loss_chunk_tokens = loss_chunk_tokens
         self.label_smoothing = label_smoothing
-        self.llm.set_attn_implementation(register_varlen() if use_varlen_attn else "sdpa")
+        self.llm.set_attn_implementation(register_varlen())
         self.llm.config.use_cache = False
         if activation_checkpointing:
             kwargs = {"use_reentrant": False}
@@ -62,10 +63,9 @@ class SupervisedFinetune(nn.Module):
         """Weighted sum of per-token CE over the supervised tokens of the row."""
         varlen = {}
         if self.use_varlen_attn:
-            varlen = dict(cu_seq_lens_q=cu_seq_lens_q, cu_seq_lens_k=cu_seq_lens_k,
+            varlen = dict(position_ids=position_ids, cu_seq_lens_q=cu_seq_lens_q, cu_seq_lens_k=cu_seq_lens_k,
                           max_length_q=max_length_q, max_length_k=max_length_k)
-        hidden = self.llm.base_model(input_ids=input_ids, position_ids=position_ids, use_cache=False,
-                                     **varlen).last_hidden_state
+        hidden = self.llm.base_model(input_ids=input_ids, use_cache=False, **varlen).last_hidden_state
         hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, loss_index)
         head = self.llm.get_output_embeddings()
         return chunked_cross_entropy(

@@ -19,7 +19,8 @@ DEFAULT_CHUNK_TOKENS = 2048
 
 
 def _chunk_loss(hidden, weight, bias, labels, token_weight, label_smoothing):
-    logits = F.linear(hidden, weight, bias).float()
+    logits = F.linear(hidden, weight, bias)
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
     ce = F.cross_entropy(logits, labels, reduction="none", label_smoothing=label_smoothing)
     return (ce * token_weight).sum()
 
@@ -39,7 +40,7 @@ def chunked_cross_entropy(
     hidden [N, H], weight [V, H], labels [N] (all valid targets), token_weight [N].
     Logits are computed in the weight's dtype and upcast to fp32 for the loss.
     """
-    total = hidden.new_zeros((), dtype=torch.float32)
+    total = hidden.new_zeros((), dtype=torch.promote_types(hidden.dtype, torch.float32))
     for start in range(0, hidden.shape[0], chunk_tokens):
         end = start + chunk_tokens
         args = (hidden[start:end], weight, bias, labels[start:end], token_weight[start:end], label_smoothing)
