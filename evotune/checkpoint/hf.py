@@ -1,7 +1,13 @@
 """Read and write Hugging Face model directories, one tensor at a time.
 
-:class:`LazyWeights` reads ``*.safetensors`` (or ``pytorch_model*.bin``) shards
-lazily, so conversions never hold more than the tensors they are working on.
+Conversions of 7B+ models must not hold two copies of the weights. Everything
+here works on a *plan*: an ordered ``name -> Planned(shape, dtype, load)``
+mapping whose tensors are produced only when written. :class:`LazyWeights`
+reads safetensors shards with plain file reads (no memory map, so resident
+memory is the tensors in flight, not the pages touched), and
+:func:`write_safetensors` streams a plan into shards: it writes each shard's
+header from the planned shapes, then the tensors one by one.
+
 :func:`save_hf` writes a model or a full state dict as a HF directory, in the
 layout the model came in (``model.evotune_source``) or in transformers' native
 layout, atomically (temporary folder + rename).
@@ -12,8 +18,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import struct
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -35,31 +43,93 @@ TOKENIZER_FILES = (
     "chat_template.jinja",
 )
 
+_ST_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+_ST_NAMES = {v: k for k, v in _ST_DTYPES.items()}
+
+
+@dataclass
+class Planned:
+    """A tensor to be produced later: its shape and dtype now, its values on ``load()``."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    load: Callable[[], torch.Tensor]
+
+    @property
+    def nbytes(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n * self.dtype.itemsize
+
+
+def plan_of(state: Mapping[str, torch.Tensor]) -> dict[str, Planned]:
+    """The plan of tensors already in memory."""
+    return {k: Planned(tuple(t.shape), t.dtype, (lambda t=t: t)) for k, t in state.items()}
+
+
+class _SafetensorsFile:
+    """One ``.safetensors`` file read with ``readinto`` (no mmap)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        try:
+            with open(path, "rb") as f:
+                (n,) = struct.unpack("<Q", f.read(8))
+                header = json.loads(f.read(n))
+        except (struct.error, json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise EvotuneError(f"{path}: not a safetensors file ({e}); re-download or re-convert it") from e
+        self.base = 8 + n
+        header.pop("__metadata__", None)
+        self.entries = {}
+        for name, info in header.items():
+            if info["dtype"] not in _ST_DTYPES:
+                raise EvotuneError(f"{path}: tensor {name} has dtype {info['dtype']}, which evotune does not read")
+            self.entries[name] = (tuple(info["shape"]), _ST_DTYPES[info["dtype"]], info["data_offsets"])
+
+    def read(self, name: str) -> torch.Tensor:
+        shape, dtype, (begin, end) = self.entries[name]
+        buf = torch.empty(end - begin, dtype=torch.uint8)
+        with open(self.path, "rb") as f:
+            f.seek(self.base + begin)
+            if end > begin and f.readinto(buf.numpy()) != end - begin:
+                raise EvotuneError(f"{self.path}: truncated while reading {name}; the file is incomplete")
+        return buf.view(dtype).reshape(shape)
+
 
 class LazyWeights(Mapping):
     """A read-only ``name -> tensor`` mapping over a HF directory's weight shards.
 
-    safetensors shards are opened once and read per tensor; ``.bin`` shards are
-    memory-mapped with ``torch.load(mmap=True, weights_only=True)``.
+    ``.plan()`` gives shapes and dtypes without reading any tensor data.
+    ``.bin`` shards are memory-mapped with ``torch.load(mmap=True, weights_only=True)``.
     """
 
     def __init__(self, path):
-        from safetensors import safe_open
-
         self.path = Path(path)
         self._where: dict[str, object] = {}
         files = sorted(self.path.glob("*.safetensors"))
+        index = self.path / INDEX_NAME
+        if index.is_file():
+            listed = set(json.loads(index.read_text())["weight_map"].values())
+            missing = sorted(f for f in listed if not (self.path / f).is_file())
+            if missing:
+                raise EvotuneError(f"{index} lists {missing[0]} but that file is missing: copy every shard")
         if files:
-            index = self.path / INDEX_NAME
-            if index.is_file():
-                listed = set(json.loads(index.read_text())["weight_map"].values())
-                missing = sorted(f for f in listed if not (self.path / f).is_file())
-                if missing:
-                    raise EvotuneError(f"{index} lists {missing[0]} but that file is missing: copy every shard")
             for f in files:
-                handle = safe_open(str(f), framework="pt")
-                for key in handle.keys():
-                    self._where[key] = handle
+                st = _SafetensorsFile(f)
+                for key in st.entries:
+                    self._where[key] = st
         else:
             files = sorted(self.path.glob("pytorch_model*.bin"))
             for f in files:
@@ -71,7 +141,7 @@ class LazyWeights(Mapping):
 
     def __getitem__(self, key: str) -> torch.Tensor:
         src = self._where[key]
-        return src[key] if isinstance(src, dict) else src.get_tensor(key)
+        return src[key] if isinstance(src, dict) else src.read(key)
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._where)
@@ -79,86 +149,147 @@ class LazyWeights(Mapping):
     def __len__(self) -> int:
         return len(self._where)
 
+    def plan(self) -> dict[str, Planned]:
+        out = {}
+        for key, src in self._where.items():
+            if isinstance(src, dict):
+                t = src[key]
+                out[key] = Planned(tuple(t.shape), t.dtype, (lambda key=key: self[key]))
+            else:
+                shape, dtype, _ = src.entries[key]
+                out[key] = Planned(shape, dtype, (lambda key=key: self[key]))
+        return out
 
-def _shards(names: list[str], sizes: dict[str, int], max_bytes: int) -> list[list[str]]:
+
+def _shards(plan: Mapping[str, Planned], max_bytes: int) -> list[list[str]]:
     shards: list[list[str]] = [[]]
     used = 0
-    for name in names:
-        if shards[-1] and used + sizes[name] > max_bytes:
+    for name, p in plan.items():
+        if shards[-1] and used + p.nbytes > max_bytes:
             shards.append([])
             used = 0
         shards[-1].append(name)
-        used += sizes[name]
+        used += p.nbytes
     return shards
 
 
-def write_safetensors(
-    tensors: Mapping[str, torch.Tensor], out_dir: Path, max_shard_bytes: int = DEFAULT_SHARD_BYTES, dtype=None
-) -> None:
-    """Write ``tensors`` as ``model.safetensors`` or numbered shards + index.
-
-    Values are fetched from the mapping one shard at a time (a lazy mapping
-    keeps memory at one shard). ``dtype`` casts floating tensors.
-    """
-    from safetensors.torch import save_file
-
-    names = list(tensors)
-    shape_dtype = {}
-    sizes = {}
+def _write_one(path: Path, names: list[str], plan: Mapping[str, Planned]) -> None:
+    header: dict = {"__metadata__": {"format": "pt"}}
+    offset = 0
     for n in names:
-        t = tensors[n]
-        out_dtype = dtype if (dtype is not None and t.is_floating_point()) else t.dtype
-        shape_dtype[n] = out_dtype
-        sizes[n] = t.numel() * out_dtype.itemsize
-        del t
-    groups = _shards(names, sizes, max_shard_bytes)
+        p = plan[n]
+        header[n] = {"dtype": _ST_NAMES[p.dtype], "shape": list(p.shape), "data_offsets": [offset, offset + p.nbytes]}
+        offset += p.nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # keep tensor data 8-byte aligned, as safetensors does
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)))
+        f.write(raw)
+        for n in names:
+            p = plan[n]
+            t = p.load().detach().to("cpu")
+            if t.dtype != p.dtype:
+                t = t.to(p.dtype)
+            if tuple(t.shape) != p.shape:
+                raise RuntimeError(f"planned {n} as {p.shape} but produced {tuple(t.shape)}")
+            f.write(t.contiguous().reshape(-1).view(torch.uint8).numpy().data)
+            del t
+
+
+def write_safetensors(
+    plan: Mapping[str, Planned], out_dir: Path, max_shard_bytes: int = DEFAULT_SHARD_BYTES, dtype=None
+) -> None:
+    """Stream ``plan`` into ``model.safetensors`` or numbered shards + index.
+
+    Memory: one tensor at a time. ``dtype`` casts floating tensors.
+    """
+    if dtype is not None:
+        plan = {
+            k: Planned(p.shape, dtype, p.load) if p.dtype.is_floating_point else p for k, p in plan.items()
+        }
+    groups = _shards(plan, max_shard_bytes)
     weight_map = {}
     for i, group in enumerate(groups):
         fname = WEIGHTS_NAME if len(groups) == 1 else f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors"
-        chunk = {n: tensors[n].detach().to("cpu", shape_dtype[n]).contiguous() for n in group}
-        save_file(chunk, str(out_dir / fname), metadata={"format": "pt"})
-        del chunk
+        _write_one(out_dir / fname, group, plan)
         weight_map.update({n: fname for n in group})
     if len(groups) > 1:
-        index = {"metadata": {"total_size": sum(sizes.values())}, "weight_map": weight_map}
+        total = sum(p.nbytes for p in plan.values())
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         (out_dir / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-
-
-def _drop_shared(state: dict[str, torch.Tensor], tied: bool) -> dict[str, torch.Tensor]:
-    """safetensors refuses tensors that share memory; a tied head is re-tied by the loader."""
-    if tied:
-        state = {k: v for k, v in state.items() if k != "lm_head.weight"}
-    return state
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def _config_dict(config) -> dict:
-    if config is None:
-        return {}
-    if isinstance(config, dict):
-        return dict(config)
-    return config.to_dict()
-
-
-def _copy_tokenizer(src: Path, dst: Path, native: bool) -> None:
-    if not src.is_dir():
-        if src.is_file() and src.suffix == ".model":
-            shutil.copy2(src, dst / "tokenizer.model")
-        return
-    tok_cfg = src / "tokenizer_config.json"
-    remote = tok_cfg.is_file() and "auto_map" in json.loads(tok_cfg.read_text())
-    if native and remote:
-        # the InternLM2 tokenizer class is remote code: write the sentencepiece-backed one instead
-        from evotune.model.load import load_tokenizer
-
-        load_tokenizer(src).save_pretrained(dst)
+def _copy_tokenizer(src: Path, dst: Path) -> None:
+    """Copy the tokenizer files as they are (an InternLM2 tokenizer stays loadable by load_tokenizer)."""
+    if src.is_file() and src.suffix == ".model":
+        shutil.copy2(src, dst / "tokenizer.model")
         return
     for name in TOKENIZER_FILES:
         if (src / name).is_file():
             shutil.copy2(src / name, dst / name)
+
+
+class AtomicDir:
+    """Write a directory under a temporary name and rename it into place when complete.
+
+    Refuses a non-empty target unless ``overwrite``; on error nothing is left behind.
+    """
+
+    def __init__(self, out_dir, overwrite: bool = False):
+        self.out = Path(out_dir)
+        self.overwrite = overwrite
+        if self.out.exists() and (not self.out.is_dir() or any(self.out.iterdir())) and not overwrite:
+            raise EvotuneError(f"{self.out} exists and is not empty: choose a new directory or pass overwrite")
+
+    def __enter__(self) -> Path:
+        self.out.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.tmp-", dir=self.out.parent))
+        return self.tmp
+
+    def __exit__(self, exc_type, exc, tb):
+        try:
+            if exc_type is None:
+                os.chmod(self.tmp, 0o755)
+                if self.out.exists():
+                    old = self.out.with_name(f".{self.out.name}.old-{os.getpid()}")
+                    self.out.rename(old)
+                    self.tmp.rename(self.out)
+                    shutil.rmtree(old)
+                else:
+                    self.tmp.rename(self.out)
+        finally:
+            if self.tmp.exists():
+                shutil.rmtree(self.tmp)
+        return False
+
+
+def write_hf_dir(
+    plan: Mapping[str, Planned],
+    config: dict,
+    out_dir,
+    *,
+    dtype=None,
+    extra_files: tuple[Path, ...] = (),
+    generation_config: dict | None = None,
+    tokenizer_path=None,
+    overwrite: bool = False,
+    max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+) -> Path:
+    """The common writer: weights from a plan, ``config.json`` as given, extra files copied."""
+    with AtomicDir(out_dir, overwrite) as tmp:
+        write_safetensors(plan, tmp, max_shard_bytes, dtype)
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        if generation_config is not None:
+            (tmp / "generation_config.json").write_text(json.dumps(generation_config, indent=2, sort_keys=True) + "\n")
+        for f in extra_files:
+            shutil.copy2(f, tmp / f.name)
+        if tokenizer_path is not None:
+            _copy_tokenizer(Path(tokenizer_path), tmp)
+    return Path(out_dir)
 
 
 def save_hf(
@@ -189,9 +320,6 @@ def save_hf(
     """
     from evotune.model.load import SOURCE_ATTR, resolve_dtype
 
-    out = Path(out_dir)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise EvotuneError(f"{out} exists and is not empty: choose a new directory or pass overwrite=True")
     is_model = isinstance(model_or_state_dict, torch.nn.Module)
     model = model_or_state_dict if is_model else None
     if source is None and model is not None:
@@ -207,87 +335,48 @@ def save_hf(
     out_dtype = resolve_dtype(dtype)
     state = model.state_dict() if is_model else dict(model_or_state_dict)
     state = {k: v for k, v in state.items() if not k.endswith("rotary_emb.inv_freq")}
-    cfg = _config_dict(config)
-    if out_dtype is None:
-        floats = [t.dtype for t in state.values() if t.is_floating_point()]
-        out_dtype_name = _dtype_name(floats[0]) if floats else None
-    else:
-        out_dtype_name = _dtype_name(out_dtype)
-
+    floats = [t.dtype for t in state.values() if t.is_floating_point()]
+    dtype_name = _dtype_name(out_dtype or (floats[0] if floats else torch.float32))
     source_dir = Path(source["path"]) if source.get("path") else None
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        if fmt == "internlm2":
-            from evotune.model.internlm2 import internlm2_config_from_llama, llama_to_internlm2
+    extra: tuple[Path, ...] = ()
 
-            llama_config = _llama_config(config)
-            base = source.get("config") if source.get("format") == "internlm2" else None
-            cfg_out = internlm2_config_from_llama(llama_config, base)
-            if out_dtype_name:
-                cfg_out["torch_dtype"] = out_dtype_name
-            tensors = dict(
-                llama_to_internlm2(
-                    _drop_shared(state, llama_config.tie_word_embeddings),
-                    llama_config.num_attention_heads,
-                    llama_config.num_key_value_heads,
-                )
-            )
-            write_safetensors(tensors, tmp, max_shard_bytes, out_dtype)
-            del tensors
-            if source_dir is not None and source.get("format") == "internlm2":
-                for py in sorted(source_dir.glob("*.py")):  # the remote code, if the source had it
-                    shutil.copy2(py, tmp / py.name)
-        else:
-            cfg_out = dict(cfg)
-            if out_dtype_name:
-                cfg_out["dtype"] = out_dtype_name
-                cfg_out.pop("torch_dtype", None)
-            write_safetensors(
-                _drop_shared(state, bool(cfg_out.get("tie_word_embeddings"))), tmp, max_shard_bytes, out_dtype
-            )
-        (tmp / "config.json").write_text(json.dumps(cfg_out, indent=2, sort_keys=True) + "\n")
-        _write_generation_config(model, source_dir, tmp)
-        tok_src = Path(tokenizer_path) if tokenizer_path is not None else source_dir
-        if tok_src is not None:
-            _copy_tokenizer(tok_src, tmp, native=(fmt == "huggingface"))
-        os.chmod(tmp, 0o755)
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-    return out
+    if fmt == "internlm2":
+        from evotune.model.internlm2 import internlm2_config_from_llama, llama_config_of, plan_llama_to_internlm2
 
-
-def _llama_config(config):
-    from transformers import LlamaConfig
-
-    if isinstance(config, dict):
-        if config.get("model_type") == "internlm2":
-            from evotune.model.internlm2 import llama_config_from_internlm2
-
-            return llama_config_from_internlm2(config)
-        return LlamaConfig(**{k: v for k, v in config.items() if k != "model_type"})
-    if config.model_type != "llama":
-        raise EvotuneError(
-            f"a {config.model_type} model cannot be written in the InternLM2 layout: use --save-format huggingface"
+        llama_config = llama_config_of(config)
+        base = source.get("config") if source.get("format") == "internlm2" else None
+        cfg_out = internlm2_config_from_llama(llama_config, base)
+        cfg_out["torch_dtype"] = dtype_name
+        if llama_config.tie_word_embeddings:
+            state.pop("lm_head.weight", None)
+        plan = plan_llama_to_internlm2(
+            plan_of(state), llama_config.num_attention_heads, llama_config.num_key_value_heads
         )
-    return config
+        if source_dir is not None and source.get("format") == "internlm2":
+            extra = tuple(sorted(source_dir.glob("*.py")))  # the remote code, if the source had it
+    else:
+        cfg_out = dict(config) if isinstance(config, dict) else config.to_dict()
+        cfg_out.pop("torch_dtype", None)
+        cfg_out["dtype"] = dtype_name
+        if cfg_out.get("tie_word_embeddings"):
+            state.pop("lm_head.weight", None)  # safetensors refuses shared tensors; the loader re-ties
+        plan = plan_of(state)
+    gen = _generation_config(model, source_dir)
+    return write_hf_dir(
+        plan,
+        cfg_out,
+        out_dir,
+        dtype=out_dtype,
+        extra_files=extra,
+        generation_config=gen,
+        tokenizer_path=tokenizer_path if tokenizer_path is not None else source_dir,
+        overwrite=overwrite,
+        max_shard_bytes=max_shard_bytes,
+    )
 
 
-def _write_generation_config(model, source_dir: Path | None, out: Path) -> None:
+def _generation_config(model, source_dir: Path | None) -> dict | None:
     if source_dir is not None and (source_dir / "generation_config.json").is_file():
-        shutil.copy2(source_dir / "generation_config.json", out / "generation_config.json")
-        return
+        return json.loads((source_dir / "generation_config.json").read_text())
     gen = getattr(model, "generation_config", None) if model is not None else None
-    if gen is not None:
-        try:
-            gen.save_pretrained(out)
-        except ValueError:  # an invalid generation config is not worth failing an export for
-            pass
+    return gen.to_diff_dict() if gen is not None else None

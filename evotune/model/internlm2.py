@@ -24,10 +24,9 @@ directions are bitwise exact:
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Iterator
-
 import torch
 
+from evotune.checkpoint.hf import Planned
 from evotune.errors import EvotuneError
 
 # per-layer suffixes that are a rename only (InternLM2 -> Llama)
@@ -133,7 +132,7 @@ def internlm2_config_from_llama(config, base: dict | None = None) -> dict:
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     if head_dim * config.num_attention_heads != config.hidden_size:
         raise EvotuneError("InternLM2 needs head_dim * heads == hidden_size: export with --save-format huggingface")
-    out.update(
+    updates = dict(
         vocab_size=config.vocab_size,
         hidden_size=config.hidden_size,
         intermediate_size=config.intermediate_size,
@@ -150,6 +149,9 @@ def internlm2_config_from_llama(config, base: dict | None = None) -> dict:
         eos_token_id=config.eos_token_id,
         pad_token_id=config.pad_token_id,
     )
+    for key, value in updates.items():
+        if not (key in out and out[key] == value):  # equal values keep their original spelling (1e6 vs 1000000)
+            out[key] = value
     return out
 
 
@@ -187,13 +189,28 @@ def merge_wqkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, kv
     return grouped.reshape(kv_heads * (g + 2) * d, *rest)
 
 
-def internlm2_to_llama(
-    items: Iterable[tuple[str, torch.Tensor]], heads: int, kv_heads: int
-) -> Iterator[tuple[str, torch.Tensor]]:
-    """Rename/split InternLM2 tensors into Llama tensors, one input tensor at a time (lazy-friendly)."""
-    for key, tensor in items:
+def _wqkv_parts(load, heads: int, kv_heads: int):
+    """Three loaders (q, k, v) sharing one read of ``wqkv``: the tensor is split once, handed out, forgotten."""
+    held: dict[str, torch.Tensor] = {}
+
+    def part(name: str):
+        def get():
+            if name not in held:
+                held.clear()
+                held.update(zip("qkv", split_wqkv(load(), heads, kv_heads)))
+            return held.pop(name)
+
+        return get
+
+    return part("q"), part("k"), part("v")
+
+
+def plan_internlm2_to_llama(plan: dict[str, Planned], heads: int, kv_heads: int) -> dict[str, Planned]:
+    """InternLM2 names -> Llama names (wqkv becomes q/k/v), without reading any tensor."""
+    out: dict[str, Planned] = {}
+    for key, p in plan.items():
         if key in _TOP_RENAMES:
-            yield _TOP_RENAMES[key], tensor
+            out[_TOP_RENAMES[key]] = p
             continue
         m = _LAYER_RE.match(key)
         if m is None:
@@ -202,46 +219,80 @@ def internlm2_to_llama(
         prefix = f"model.layers.{i}."
         if rest in ("attention.wqkv.weight", "attention.wqkv.bias"):
             kind = rest.rsplit(".", 1)[1]
-            for name, t in zip(("q", "k", "v"), split_wqkv(tensor, heads, kv_heads)):
-                yield f"{prefix}self_attn.{name}_proj.{kind}", t
+            g = heads // kv_heads
+            rows = p.shape[0]
+            d = rows // (kv_heads * (g + 2))
+            if d * kv_heads * (g + 2) != rows:
+                raise EvotuneError(
+                    f"{key} has {rows} rows, not a multiple of num_key_value_heads*(q_per_kv+2) = "
+                    f"{kv_heads * (g + 2)}: the config's head counts do not match the weights"
+                )
+            loads = _wqkv_parts(p.load, heads, kv_heads)
+            for name, n_heads, load in zip("qkv", (heads, kv_heads, kv_heads), loads):
+                out[f"{prefix}self_attn.{name}_proj.{kind}"] = Planned((n_heads * d, *p.shape[1:]), p.dtype, load)
         elif rest in _LAYER_RENAMES:
-            yield prefix + _LAYER_RENAMES[rest], tensor
+            out[prefix + _LAYER_RENAMES[rest]] = p
         else:
             raise EvotuneError(f"unexpected InternLM2 weight {key!r}: not part of the InternLM2 layout")
+    return out
 
 
 _LLAMA_TO_INTERNLM2_TOP = {v: k for k, v in _TOP_RENAMES.items()}
 _LLAMA_TO_INTERNLM2_LAYER = {v: k for k, v in _LAYER_RENAMES.items()}
-_LLAMA_LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 
 
-def llama_to_internlm2(
-    state_dict, heads: int, kv_heads: int
-) -> Iterator[tuple[str, torch.Tensor]]:
-    """Llama tensors (a mapping) -> InternLM2 tensors, in InternLM2 key order per layer."""
-    for key in state_dict:
+def plan_llama_to_internlm2(plan: dict[str, Planned], heads: int, kv_heads: int) -> dict[str, Planned]:
+    """Llama names -> InternLM2 names (q/k/v merged into the grouped wqkv), without reading any tensor."""
+    out: dict[str, Planned] = {}
+    for key, p in plan.items():
         if key in _LLAMA_TO_INTERNLM2_TOP:
-            yield _LLAMA_TO_INTERNLM2_TOP[key], state_dict[key]
+            out[_LLAMA_TO_INTERNLM2_TOP[key]] = p
             continue
-        m = _LLAMA_LAYER_RE.match(key)
+        m = _LAYER_RE.match(key)
         if m is None:
-            if key.endswith("rotary_emb.inv_freq"):
-                continue
             raise EvotuneError(f"weight {key!r} has no InternLM2 name: export with --save-format huggingface")
         i, rest = m.groups()
         prefix = f"model.layers.{i}."
         if rest in ("self_attn.q_proj.weight", "self_attn.q_proj.bias"):
             kind = rest.rsplit(".", 1)[1]
-            q = state_dict[key]
-            k = state_dict[f"{prefix}self_attn.k_proj.{kind}"]
-            v = state_dict[f"{prefix}self_attn.v_proj.{kind}"]
-            yield f"{prefix}attention.wqkv.{kind}", merge_wqkv(q, k, v, heads, kv_heads)
+            names = [f"{prefix}self_attn.{n}_proj.{kind}" for n in "qkv"]
+            missing = [n for n in names if n not in plan]
+            if missing:
+                raise EvotuneError(f"{missing[0]} is missing: q, k and v projections come together")
+            q, k, v = (plan[n] for n in names)
+            shape = (q.shape[0] + k.shape[0] + v.shape[0], *q.shape[1:])
+
+            def load(q=q, k=k, v=v):
+                return merge_wqkv(q.load(), k.load(), v.load(), heads, kv_heads)
+
+            out[f"{prefix}attention.wqkv.{kind}"] = Planned(shape, q.dtype, load)
         elif rest.startswith(("self_attn.k_proj.", "self_attn.v_proj.")):
             continue  # merged with q_proj
         elif rest in _LLAMA_TO_INTERNLM2_LAYER:
-            yield prefix + _LLAMA_TO_INTERNLM2_LAYER[rest], state_dict[key]
+            out[prefix + _LLAMA_TO_INTERNLM2_LAYER[rest]] = p
         else:
             raise EvotuneError(f"weight {key!r} has no InternLM2 name: export with --save-format huggingface")
+    return out
+
+
+def llama_config_of(config):
+    """The ``LlamaConfig`` behind a config object or dict (InternLM2 dicts are mapped)."""
+    from transformers import LlamaConfig
+
+    if isinstance(config, dict):
+        if config.get("model_type") == "internlm2":
+            return llama_config_from_internlm2(config)
+        if config.get("model_type") not in (None, "llama"):
+            raise EvotuneError(
+                f"a {config.get('model_type')} model cannot be written in the InternLM2 layout: "
+                "use --save-format huggingface"
+            )
+        return LlamaConfig(**{k: v for k, v in config.items() if k != "model_type"})
+    if config.model_type != "llama":
+        raise EvotuneError(
+            f"a {config.model_type} model cannot be written in the InternLM2 layout: use --save-format huggingface"
+        )
+    return config
 
 
 def build_llama(config, state: dict[str, torch.Tensor], dtype: torch.dtype | None, where: str):
@@ -294,7 +345,81 @@ def load_internlm2(path, dtype: torch.dtype | None = None):
 
     cfg = read_config_json(path)
     config = llama_config_from_internlm2(cfg, where=f"{path}/config.json")
-    weights = LazyWeights(path)
-    heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
-    state = dict(internlm2_to_llama(weights.items(), heads, kv_heads))
-    return build_llama(config, state, dtype, where=str(path))
+    plan = plan_internlm2_to_llama(LazyWeights(path).plan(), config.num_attention_heads, config.num_key_value_heads)
+    return build_llama(config, {k: p.load() for k, p in plan.items()}, dtype, where=str(path))
+
+
+def _sentencepiece_backend():
+    from transformers.tokenization_utils_sentencepiece import SentencePieceBackend
+
+    return SentencePieceBackend
+
+
+class InternLM2Tokenizer(_sentencepiece_backend()):
+    """InternLM2's tokenizer without its remote code: sentencepiece as is, BOS first.
+
+    Encoding is what the published ``InternLM2Tokenizer`` does: text is split on
+    added/special tokens, every other piece of text is ``sp.encode``-d (with
+    sentencepiece's own dummy prefix), and ``<s>`` is prepended
+    (``add_bos_token``; ``add_eos_token`` appends ``</s>``). Decoding writes
+    special tokens literally and the runs between them with ``sp.decode``.
+    ``save_pretrained`` writes ``tokenizer_class: InternLM2Tokenizer``, the
+    published layout, which :func:`evotune.load_tokenizer` reads back.
+    """
+
+    vocab_files_names = {"vocab_file": "tokenizer.model"}
+    model_input_names = ["input_ids", "attention_mask"]
+
+    def __init__(
+        self,
+        vocab_file,
+        unk_token="<unk>",
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="</s>",
+        add_bos_token=True,
+        add_eos_token=False,
+        clean_up_tokenization_spaces=False,
+        **kwargs,
+    ):
+        self.add_bos_token = add_bos_token
+        self.add_eos_token = add_eos_token
+        kwargs.pop("legacy", None)
+        kwargs.pop("auto_map", None)
+        super().__init__(
+            vocab_file=vocab_file,
+            legacy=True,
+            unk_token=unk_token,
+            bos_token=bos_token,
+            eos_token=eos_token,
+            pad_token=pad_token,
+            add_bos_token=add_bos_token,
+            add_eos_token=add_eos_token,
+            clean_up_tokenization_spaces=clean_up_tokenization_spaces,
+            **kwargs,
+        )
+
+    def build_inputs_with_special_tokens(self, token_ids_0, token_ids_1=None):
+        out = ([self.bos_token_id] if self.add_bos_token else []) + list(token_ids_0)
+        if token_ids_1 is not None:
+            out += list(token_ids_1)
+        return out + ([self.eos_token_id] if self.add_eos_token else [])
+
+    def get_special_tokens_mask(self, token_ids_0, token_ids_1=None, already_has_special_tokens=False):
+        if already_has_special_tokens:
+            return super().get_special_tokens_mask(token_ids_0, token_ids_1, already_has_special_tokens=True)
+        body = [0] * (len(token_ids_0) + (len(token_ids_1) if token_ids_1 is not None else 0))
+        return ([1] if self.add_bos_token else []) + body + ([1] if self.add_eos_token else [])
+
+    def convert_tokens_to_string(self, tokens: list[str]) -> str:
+        special = set(self.all_special_tokens) | set(self._added_tokens_encoder)
+        out, run = [], []
+        for token in tokens:
+            if token in special:
+                out.append(self.sp_model.decode(run))
+                out.append(token)
+                run = []
+            else:
+                run.append(token)
+        out.append(self.sp_model.decode(run))
+        return "".join(out)

@@ -147,33 +147,20 @@ def load_model(path, dtype=None, device=None) -> torch.nn.Module:
     return model
 
 
-def _sentencepiece_tokenizer(model_file: Path, config_dir: Path | None):
-    """A Llama-style sentencepiece tokenizer for InternLM2 (whose own tokenizer class is remote code)."""
-    from transformers import LlamaTokenizer
-
-    kwargs = {}
-    if config_dir is not None and (config_dir / "tokenizer_config.json").is_file():
-        tok_cfg = json.loads((config_dir / "tokenizer_config.json").read_text())
-        for key in ("bos_token", "eos_token", "unk_token", "pad_token"):
-            if isinstance(tok_cfg.get(key), str):
-                kwargs[key] = tok_cfg[key]
-        for key in ("add_bos_token", "add_eos_token", "clean_up_tokenization_spaces"):
-            if key in tok_cfg:
-                kwargs[key] = tok_cfg[key]
-    # InternLM2's tokenizer = sentencepiece as is, with a BOS and no legacy space handling.
-    return LlamaTokenizer(vocab_file=str(model_file), legacy=True, add_prefix_space=None, **kwargs)
-
-
 def load_tokenizer(path):
     """A Hugging Face tokenizer for a model directory or a sentencepiece ``.model`` file.
 
     Returns None when the directory holds no tokenizer files at all (training on
-    token-id data needs none). InternLM2 directories are read without remote
-    code: their ``tokenizer.model`` becomes a sentencepiece-backed tokenizer.
+    token-id data needs none). InternLM2 directories (and directories with only
+    a sentencepiece ``tokenizer.model``) are read without remote code by
+    :class:`evotune.model.internlm2.InternLM2Tokenizer`, which encodes exactly
+    as the published InternLM2 tokenizer.
     """
     p = Path(path)
     if p.is_file() and p.suffix == ".model":
-        return _sentencepiece_tokenizer(p, None)
+        from evotune.model.internlm2 import InternLM2Tokenizer
+
+        return InternLM2Tokenizer(vocab_file=str(p))
     if not p.is_dir():
         raise EvotuneError(f"tokenizer path {p} is neither a directory nor a sentencepiece .model file")
     if not any((p / name).is_file() for name in _TOKENIZER_FILES):
@@ -181,9 +168,14 @@ def load_tokenizer(path):
     tok_cfg = {}
     if (p / "tokenizer_config.json").is_file():
         tok_cfg = json.loads((p / "tokenizer_config.json").read_text())
-    remote = "auto_map" in tok_cfg or str(tok_cfg.get("tokenizer_class", "")).startswith("InternLM2")
-    if remote and (p / "tokenizer.model").is_file():
-        return _sentencepiece_tokenizer(p / "tokenizer.model", p)
+    internlm2 = "auto_map" in tok_cfg or str(tok_cfg.get("tokenizer_class", "")).startswith("InternLM2")
+    sentencepiece_only = (p / "tokenizer.model").is_file() and not (p / "tokenizer.json").is_file()
+    if internlm2 or sentencepiece_only:
+        if not (p / "tokenizer.model").is_file():
+            raise EvotuneError(f"{p}: an InternLM2 tokenizer needs tokenizer.model; copy it from the original model")
+        from evotune.model.internlm2 import InternLM2Tokenizer
+
+        return InternLM2Tokenizer.from_pretrained(p)
     from transformers import AutoTokenizer
 
     try:
