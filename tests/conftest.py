@@ -55,10 +55,12 @@ def write_folder(root: Path, files: dict[str, list[list[int]]]) -> str:
 
 
 def random_documents(rng: np.random.RandomState, n: int, low: int = 3, high: int = 60, vocab: int = 128):
+    """Learnable documents: each counts up from a random start with a step of 1 or 2."""
     docs = []
     for _ in range(n):
         length = int(rng.randint(low, high))
-        doc = rng.randint(3, vocab, size=length)
+        start, stride = rng.randint(0, vocab - 3), rng.randint(1, 3)
+        doc = 3 + (start + stride * np.arange(length)) % (vocab - 3)
         # some negative (input-only) tokens, as InternEvo SFT data has
         mask = rng.rand(length) < 0.2
         doc[mask] = -doc[mask]

@@ -35,7 +35,7 @@ class Progress:
 
     def print(self, text: str) -> None:
         if self.enabled:
-            self.console.print(text, markup=False)
+            self.console.print(text, markup=False, soft_wrap=True)
 
     def log(self, r: dict) -> None:
         if not self.enabled:
