@@ -336,22 +336,33 @@ class _JsonArray:
 
     def __init__(self, f):
         self.f = f
-        self.utf8 = codecs.getincrementaldecoder("utf-8-sig")()
         self.decoder = json.JSONDecoder()
         self.buf, self.pos, self.eof, self.bytes_read = "", 0, False, 0
+        self.tail = b""  # bytes of a character cut by the chunk end
+        self.error: _Unreadable | None = None  # raised once the text before it is used up
         self.line, self.line_pos = 1, 0  # line number at buf[line_pos]
 
     def _more(self) -> bool:
+        if self.error is not None:
+            raise self.error
         if self.eof:
             return False
-        data = self.f.read(max(self._CHUNK, len(self.buf)))
-        self.bytes_read += len(data)
+        chunk = self.f.read(max(self._CHUNK, len(self.buf)))
+        if not self.bytes_read and chunk.startswith(codecs.BOM_UTF8):
+            chunk = chunk[len(codecs.BOM_UTF8):]
+        self.bytes_read += len(chunk)
+        self.eof = not chunk
+        data, self.tail = self.tail + chunk, b""
         try:
-            self.buf += self.utf8.decode(data, final=not data)
+            self.buf += data.decode("utf-8")
         except UnicodeDecodeError as e:
-            line = self.line + self.buf.count("\n", self.line_pos) + data[: e.start].count(b"\n")
-            raise _Unreadable(line, f"not UTF-8 (byte {data[e.start]:#04x}); the rest of the file is not read")
-        self.eof = not data
+            self.buf += data[: e.start].decode("utf-8")
+            if e.reason == "unexpected end of data" and not self.eof:
+                self.tail = data[e.start:]
+            else:
+                line = self.line + self.buf.count("\n", self.line_pos)
+                self.error = _Unreadable(line, f"not UTF-8 (byte {data[e.start]:#04x}); the rest of the file "
+                                               "is not read")
         return True
 
     def _line_at(self, pos: int) -> int:
@@ -374,7 +385,7 @@ class _JsonArray:
                     return value, end
             except json.JSONDecodeError as e:
                 truncated = e.msg.startswith("Unterminated string") or self._FRAGMENT.fullmatch(self.buf, e.pos)
-                if not truncated or self.eof:
+                if not truncated or (self.eof and self.error is None):
                     raise _Unreadable(self._line_at(e.pos), f"bad JSON ({e.msg}); the rest of the file is not read")
             self._more()
 
