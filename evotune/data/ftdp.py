@@ -38,7 +38,6 @@ TOP_LEVEL_TYPE = "."  # type name of data files lying directly in the training f
 _CHUNK = 16 << 20  # bytes parsed per vectorised step
 _INT32_MAX = 2**31 - 1
 _CANONICAL = b'{"tokens":[]}\n'  # a canonical line once digits, '-', ',' and spaces are removed
-_BAD_COMPACT = (b"[,", b",]", b",,", b"-,", b"-]", b"--")
 
 
 # --------------------------------------------------------------------------- parsing
@@ -63,32 +62,76 @@ def _parse_line_json(line: bytes, path: str, lineno: int, offset: int) -> np.nda
     return np.array(tokens, dtype=np.int64)
 
 
-def _parse_chunk_fast(chunk: bytes) -> tuple[np.ndarray, np.ndarray] | None:
-    """(tokens int64, per-line counts) for a chunk of canonical lines, or None if not canonical."""
-    n_lines = chunk.count(b"\n")
-    compact = chunk.translate(None, b" ")
-    if compact.translate(None, b"0123456789-,") != _CANONICAL * n_lines:
+def _digit(bytes_: np.ndarray) -> np.ndarray:
+    return (bytes_ - np.uint8(48)) < 10  # uint8 wraps below '0'
+
+
+def _parse_chunk_fast(chunk: bytes, line_starts: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """(tokens int64, per-line counts) if every line is canonical, else None.
+
+    Canonical: ``{"tokens": [`` or ``{"tokens":[``, integers separated by commas
+    (spaces allowed), ``]}``, optional spaces. Checked with one ``translate``
+    (nothing but digits, '-', ',' and spaces besides the fixed structure) and the
+    line heads; the numbers are read by ``np.fromstring``, which raises on two
+    numbers without a comma between them. Its leniencies (an empty element
+    before a comma reads as 0) are caught by counting: commas + 1 per line, the
+    numbers read, and the runs of digits must all agree. Two harmless ones stay:
+    ``- 1`` reads as -1 and ``01`` as 1 (``json.loads`` rejects both).
+    """
+    if chunk.translate(None, b" 0123456789-,") != _CANONICAL * len(line_starts):
         return None
-    if any(p in compact for p in _BAD_COMPACT):
+    raw = np.frombuffer(chunk, dtype=np.uint8)
+    heads = raw[np.minimum(line_starts[:, None] + np.arange(12), len(raw) - 1)]
+    if not ((heads == _HEAD_SPACED).all(1) | (heads[:, :11] == _HEAD_TIGHT).all(1)).all():
         return None
-    array = np.frombuffer(compact, dtype=np.uint8)
-    newlines = np.flatnonzero(array == 10)
-    commas = np.flatnonzero(array == 44)
+    newlines = np.append(line_starts[1:], len(raw)) - 1
+    commas = np.flatnonzero(raw == 44)
     per_line = np.diff(np.searchsorted(commas, newlines), prepend=0)
-    empty = array[newlines - 3] == 91  # '[]}\n': no token on that line
-    counts = np.where(empty, 0, per_line + 1)
-    # '{"tokens":[1,2]}\n' -> ' 1,2 ,' : structure becomes blanks, line ends separate numbers
-    numbers = compact.translate(_STRUCTURE_TO_BLANK)
-    try:
-        tokens = np.fromstring(numbers, dtype=np.int64, sep=",")  # text mode: C parsing, not deprecated
+    counts = np.where(raw[newlines - 3] == 91, 0, per_line + 1)  # '[]}\n': an empty document
+    digit = _digit(raw)
+    runs = np.count_nonzero(digit[1:] > digit[:-1])
+    try:  # '{"tokens": [1, 2]}\n' -> '            1, 2  ,'
+        tokens = np.fromstring(chunk.translate(_STRUCTURE_TO_BLANK), dtype=np.int64, sep=",")
     except ValueError:
         return None
-    if len(tokens) != int(counts.sum()):
+    if not len(tokens) == runs == int(counts.sum()):
         return None
     return tokens, counts
 
 
+def _parse_chunk(chunk: bytes, line_starts: np.ndarray, path: str, lineno: int, base: int):
+    """Fast path for the whole chunk; otherwise fast for its canonical lines, ``json.loads`` for the rest."""
+    parsed = _parse_chunk_fast(chunk, line_starts)
+    if parsed is not None:
+        return parsed
+    bounds = np.append(line_starts, len(chunk)).tolist()
+    lines = [chunk[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+    canon = np.array([line.translate(None, b" 0123456789-,") == _CANONICAL and line.startswith(_HEADS)
+                      for line in lines], dtype=bool)
+    counts = np.zeros(len(lines), dtype=np.int64)
+    fast = None
+    if canon.any():
+        good = [line for line, c in zip(lines, canon) if c]
+        fast = _parse_chunk_fast(b"".join(good), np.cumsum([0] + [len(g) for g in good[:-1]]))
+        if fast is None:
+            canon[:] = False
+    slow = [_parse_line_json(lines[i], path, lineno + i, base + bounds[i]) for i in np.flatnonzero(~canon)]
+    counts[~canon] = [len(d) for d in slow]
+    if fast is not None:
+        counts[canon] = fast[1]
+    tokens = np.empty(int(counts.sum()), dtype=np.int64)
+    from_fast = np.repeat(canon, counts)
+    if fast is not None:
+        tokens[from_fast] = fast[0]
+    if slow:
+        tokens[~from_fast] = np.concatenate(slow)
+    return tokens, counts
+
+
 _STRUCTURE_TO_BLANK = bytes.maketrans(b'{}[]":tokens\n', b"            ,")
+_HEADS = (b'{"tokens": [', b'{"tokens":[')
+_HEAD_SPACED = np.frombuffer(_HEADS[0], dtype=np.uint8)
+_HEAD_TIGHT = np.frombuffer(_HEADS[1], dtype=np.uint8)
 
 
 @dataclass
@@ -115,10 +158,7 @@ def _parse_bin(path: str, tokens_out) -> _ParsedBin:
                 chunk += b"\n"  # a last line without newline
             local_starts = np.flatnonzero(np.frombuffer(chunk, np.uint8) == 10)[:-1] + 1
             line_starts = np.concatenate([[0], local_starts]).astype(np.int64)
-            parsed = _parse_chunk_fast(chunk)
-            if parsed is None:
-                parsed = _parse_chunk_slow(chunk, line_starts, path, lineno, pos)
-            tokens, line_counts = parsed
+            tokens, line_counts = _parse_chunk(chunk, line_starts, path, lineno, pos)
             if len(tokens):
                 lo, hi = int(tokens.min()), int(tokens.max())
                 if lo < -_INT32_MAX or hi > _INT32_MAX:
@@ -133,17 +173,6 @@ def _parse_bin(path: str, tokens_out) -> _ParsedBin:
             lineno += len(line_starts)
             pos = end
     return _ParsedBin(np.concatenate(starts), np.concatenate(counts), max_abs)
-
-
-def _parse_chunk_slow(chunk: bytes, line_starts: np.ndarray, path: str, lineno: int, base: int):
-    bounds = list(line_starts) + [len(chunk)]
-    docs = []
-    for i in range(len(line_starts)):
-        line = chunk[bounds[i]:bounds[i + 1]]
-        docs.append(_parse_line_json(line, path, lineno + i, base + bounds[i]))
-    counts = np.array([len(d) for d in docs], dtype=np.int64)
-    tokens = np.concatenate(docs) if docs else np.zeros(0, np.int64)
-    return tokens, counts
 
 
 def _read_meta(meta_path: str, bin_path: str) -> np.ndarray:
@@ -168,7 +197,8 @@ def _match_meta(meta: np.ndarray, parsed: _ParsedBin, meta_path: str, bin_path: 
     lengths = meta[:, -1].astype(np.int64)
     size = os.path.getsize(bin_path)
     if meta.dtype.itemsize <= 4 and len(offsets):
-        drops = np.flatnonzero(np.diff(offsets) < 0)
+        # int32 offsets past 2 GiB turn negative, past 4 GiB small again (then they drop)
+        drops = np.flatnonzero(np.diff(offsets) < 0) if size > 2**31 - 1 else []
         negative = np.flatnonzero(offsets < 0)
         if len(negative) or len(drops):
             row = int(negative[0]) if len(negative) else int(drops[0]) + 1
@@ -355,18 +385,19 @@ class FtdpFolder:
 
 
 def walk_data_files(folder: str, file_type: str = ".bin") -> list[str]:
-    """Relative paths of the data files, depth-first, names in ``sorted()`` order, links followed."""
-    out: list[str] = []
-    seen: set[str] = set()
+    """Relative paths of the data files, depth-first, names in ``sorted()`` order, links followed.
 
-    def visit(path: str, rel: str) -> None:
+    As ``os.walk(followlinks=True)``: a folder reached through two links is
+    walked twice; only a link back to an enclosing folder (a loop) is not followed.
+    """
+    out: list[str] = []
+
+    def visit(path: str, rel: str, ancestors: frozenset) -> None:
         real = os.path.realpath(path)
-        if real in seen:  # a link loop
+        if real in ancestors:
             return
-        seen.add(real)
-        names = sorted(os.listdir(path))
         dirs = []
-        for name in names:
+        for name in sorted(os.listdir(path)):
             full = os.path.join(path, name)
             if os.path.isdir(full):
                 if name != CACHE_DIRNAME:
@@ -374,9 +405,9 @@ def walk_data_files(folder: str, file_type: str = ".bin") -> list[str]:
             elif name.endswith(file_type):
                 out.append(f"{rel}{name}")
         for name in dirs:
-            visit(os.path.join(path, name), f"{rel}{name}/")
+            visit(os.path.join(path, name), f"{rel}{name}/", ancestors | {real})
 
-    visit(folder, "")
+    visit(folder, "", frozenset())
     return out
 
 
