@@ -23,6 +23,7 @@ _EXPORTS: dict[str, str] = {
     "packed_collate": "evotune.data.collate",
     "write_bin": "evotune.data.ftdp_write",
     "BinWriter": "evotune.data.ftdp_write",
+    "tokenize_files": "evotune.data.tokenize",
     # model
     "load_model": "evotune.model.load",
     "load_tokenizer": "evotune.model.load",
