@@ -243,7 +243,7 @@ class AtomicDir:
         self.out = Path(out_dir)
         self.overwrite = overwrite
         if self.out.exists() and (not self.out.is_dir() or any(self.out.iterdir())) and not overwrite:
-            raise EvotuneError(f"{self.out} exists and is not empty: choose a new directory or pass overwrite")
+            raise EvotuneError(f"{self.out} exists and is not empty: choose a new directory or pass --overwrite")
 
     def __enter__(self) -> Path:
         self.out.parent.mkdir(parents=True, exist_ok=True)
@@ -292,6 +292,25 @@ def write_hf_dir(
     return Path(out_dir)
 
 
+SOURCE_RECORD = "evotune_source.json"
+
+
+def source_record(model) -> dict:
+    """What a training checkpoint should keep (as ``evotune_source.json``) so pth_to_hf can export it later.
+
+    ``model.evotune_source`` plus ``hf_config``, the transformers config of the
+    model being trained (JSON-able).
+    """
+    from evotune.model.load import SOURCE_ATTR
+
+    record = dict(getattr(model, SOURCE_ATTR, None) or {})
+    record["hf_config"] = model.config.to_diff_dict()
+    gen = getattr(model, "generation_config", None)
+    if gen is not None:
+        record["generation_config"] = gen.to_diff_dict()
+    return json.loads(json.dumps(record, default=str))
+
+
 def save_hf(
     model_or_state_dict,
     out_dir,
@@ -318,24 +337,55 @@ def save_hf(
     ``dtype``: cast floating tensors (default: as they are).
     Refuses a non-empty ``out_dir`` unless ``overwrite=True``.
     """
-    from evotune.model.load import SOURCE_ATTR, resolve_dtype
+    from evotune.model.load import SOURCE_ATTR
 
     is_model = isinstance(model_or_state_dict, torch.nn.Module)
     model = model_or_state_dict if is_model else None
     if source is None and model is not None:
         source = getattr(model, SOURCE_ATTR, None)
-    source = source or {}
     if config is None and model is not None:
         config = model.config
     if config is None:
         raise EvotuneError("save_hf: a state dict needs config= (the model's PretrainedConfig or config dict)")
+    state = model.state_dict() if is_model else dict(model_or_state_dict)
+    gen = getattr(model, "generation_config", None) if model is not None else None
+    return export_plan(
+        plan_of(state),
+        config,
+        out_dir,
+        source=source,
+        save_format=save_format,
+        tokenizer_path=tokenizer_path,
+        dtype=dtype,
+        overwrite=overwrite,
+        max_shard_bytes=max_shard_bytes,
+        generation_config=gen.to_diff_dict() if gen is not None else None,
+    )
+
+
+def export_plan(
+    plan: dict[str, Planned],
+    config,
+    out_dir,
+    *,
+    source: dict | None = None,
+    save_format: str | None = None,
+    tokenizer_path=None,
+    dtype=None,
+    overwrite: bool = False,
+    max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+    generation_config: dict | None = None,
+) -> Path:
+    """:func:`save_hf` for weights given as a plan in transformers names (streamed, never all in memory)."""
+    from evotune.model.load import resolve_dtype
+
+    source = source or {}
     fmt = save_format or ("internlm2" if source.get("format") in ("internlm2", "internevo") else "huggingface")
     if fmt not in ("internlm2", "huggingface"):
         raise EvotuneError(f"unknown save format {save_format!r}: use internlm2 or huggingface")
     out_dtype = resolve_dtype(dtype)
-    state = model.state_dict() if is_model else dict(model_or_state_dict)
-    state = {k: v for k, v in state.items() if not k.endswith("rotary_emb.inv_freq")}
-    floats = [t.dtype for t in state.values() if t.is_floating_point()]
+    plan = {k: p for k, p in plan.items() if not k.endswith("rotary_emb.inv_freq")}
+    floats = [p.dtype for p in plan.values() if p.dtype.is_floating_point]
     dtype_name = _dtype_name(out_dtype or (floats[0] if floats else torch.float32))
     source_dir = Path(source["path"]) if source.get("path") else None
     extra: tuple[Path, ...] = ()
@@ -348,35 +398,26 @@ def save_hf(
         cfg_out = internlm2_config_from_llama(llama_config, base)
         cfg_out["torch_dtype"] = dtype_name
         if llama_config.tie_word_embeddings:
-            state.pop("lm_head.weight", None)
-        plan = plan_llama_to_internlm2(
-            plan_of(state), llama_config.num_attention_heads, llama_config.num_key_value_heads
-        )
-        if source_dir is not None and source.get("format") == "internlm2":
+            plan.pop("lm_head.weight", None)
+        plan = plan_llama_to_internlm2(plan, llama_config.num_attention_heads, llama_config.num_key_value_heads)
+        if source_dir is not None and source.get("format") == "internlm2" and source_dir.is_dir():
             extra = tuple(sorted(source_dir.glob("*.py")))  # the remote code, if the source had it
     else:
-        cfg_out = dict(config) if isinstance(config, dict) else config.to_dict()
+        cfg_out = dict(config) if isinstance(config, dict) else config.to_diff_dict()
         cfg_out.pop("torch_dtype", None)
         cfg_out["dtype"] = dtype_name
         if cfg_out.get("tie_word_embeddings"):
-            state.pop("lm_head.weight", None)  # safetensors refuses shared tensors; the loader re-ties
-        plan = plan_of(state)
-    gen = _generation_config(model, source_dir)
+            plan.pop("lm_head.weight", None)  # safetensors refuses shared tensors; the loader re-ties
+    if generation_config is None and source_dir is not None and (source_dir / "generation_config.json").is_file():
+        generation_config = json.loads((source_dir / "generation_config.json").read_text())
     return write_hf_dir(
         plan,
         cfg_out,
         out_dir,
         dtype=out_dtype,
         extra_files=extra,
-        generation_config=gen,
+        generation_config=generation_config,
         tokenizer_path=tokenizer_path if tokenizer_path is not None else source_dir,
         overwrite=overwrite,
         max_shard_bytes=max_shard_bytes,
     )
-
-
-def _generation_config(model, source_dir: Path | None) -> dict | None:
-    if source_dir is not None and (source_dir / "generation_config.json").is_file():
-        return json.loads((source_dir / "generation_config.json").read_text())
-    gen = getattr(model, "generation_config", None) if model is not None else None
-    return gen.to_diff_dict() if gen is not None else None

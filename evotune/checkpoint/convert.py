@@ -1,0 +1,266 @@
+"""``evotune convert``: move weights between InternEvo, InternLM2 and Hugging Face layouts.
+
+    evotune convert internevo2hf SRC DST [--save-format internlm2|huggingface] [--dtype bfloat16]
+    evotune convert hf2internevo SRC DST --tp N --pp M [--dtype ...]
+    evotune convert pth_to_hf WORK_DIR_OR_CKPT DST [--save-format ...]
+
+Every conversion streams tensors (see :mod:`evotune.checkpoint.hf`): memory
+stays near one pipeline stage / one output shard, never two copies of the
+model. Outputs are written atomically and never over a non-empty directory
+unless ``--overwrite`` is given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+from pathlib import Path
+
+from evotune.errors import EvotuneError
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)B?\s*$", re.I)
+
+
+def parse_size(text: str) -> int:
+    """'5GB' / '500MB' / '1024' -> bytes."""
+    m = _SIZE.match(str(text))
+    if not m:
+        raise EvotuneError(f"--max-shard-size {text!r}: write a size such as 5GB or 500MB")
+    return int(float(m.group(1)) * 1024 ** "_KMGT".index((m.group(2) or "_").upper()))
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("src", help="source checkpoint folder")
+    p.add_argument("dst", help="output folder (must be new or empty, unless --overwrite)")
+    p.add_argument("--dtype", default=None, help="cast floating weights: bfloat16, float16, float32 (default: keep)")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+
+
+def _hf_out(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--save-format", choices=("internlm2", "huggingface"), default=None,
+                   help="InternLM2 layout (default for InternEvo sources) or transformers' native Llama layout")
+    p.add_argument("--tokenizer", default=None, help="tokenizer folder or .model file to copy into the output")
+    p.add_argument("--max-shard-size", default="5GB", help="largest safetensors file (default 5GB)")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="direction", metavar="DIRECTION", required=True)
+    a = sub.add_parser("internevo2hf", help="InternEvo model_tp*_pp*.pt folder -> Hugging Face folder")
+    _common(a)
+    _hf_out(a)
+    a.add_argument("--ffn-layout", choices=("auto", "w2_down", "w3_down"), default="auto",
+                   help="which of w2/w3 is the MLP down projection: auto (from shapes), w2_down (InternLM2, "
+                        "InternEvo from 2024), w3_down (InternEvo before 2024)")
+    a.add_argument("--max-position-embeddings", type=int, default=None,
+                   help="written to config.json (default: model_config.pt's value, else 32768)")
+    a.add_argument("--rope-scaling", choices=("dynamic", "linear"), default=None,
+                   help="rope scaling to record in config.json (InternEvo trains without one)")
+    a.add_argument("--rope-scaling-factor", type=float, default=None)
+    b = sub.add_parser("hf2internevo", help="Hugging Face / InternLM2 / InternEvo folder -> InternEvo tp x pp shards")
+    _common(b)
+    b.add_argument("--tp", type=int, required=True, help="tensor-parallel size (divides kv heads and vocab)")
+    b.add_argument("--pp", type=int, required=True, help="pipeline-parallel size (at most num_layers)")
+    c = sub.add_parser("pth_to_hf", help="evotune training checkpoint (work dir or step folder) -> Hugging Face")
+    _common(c)
+    _hf_out(c)
+    c.add_argument("--model", default=None,
+                   help="the model folder the training started from (default: evotune_source.json in the work dir)")
+
+
+def main(args: argparse.Namespace) -> int:
+    from evotune.model.load import resolve_dtype
+
+    dtype = resolve_dtype(args.dtype)
+    if args.direction == "internevo2hf":
+        scaling = None
+        if args.rope_scaling:
+            if args.rope_scaling_factor is None:
+                raise EvotuneError("--rope-scaling needs --rope-scaling-factor (e.g. 2.0)")
+            scaling = {"type": args.rope_scaling, "factor": args.rope_scaling_factor}
+        out = internevo2hf(args.src, args.dst, save_format=args.save_format or "internlm2", dtype=dtype,
+                           ffn_layout=args.ffn_layout, max_position_embeddings=args.max_position_embeddings,
+                           rope_scaling=scaling, tokenizer_path=args.tokenizer,
+                           max_shard_bytes=parse_size(args.max_shard_size), overwrite=args.overwrite)
+    elif args.direction == "hf2internevo":
+        out = hf2internevo(args.src, args.dst, tp=args.tp, pp=args.pp, dtype=dtype, overwrite=args.overwrite)
+    else:
+        out = pth_to_hf(args.src, args.dst, model_path=args.model, save_format=args.save_format, dtype=dtype, tokenizer_path=args.tokenizer,
+                        max_shard_bytes=parse_size(args.max_shard_size), overwrite=args.overwrite)
+    print(f"wrote {out}")
+    return 0
+
+
+def internevo2hf(src, dst, *, save_format: str = "internlm2", dtype=None, ffn_layout: str = "auto",
+                 max_position_embeddings: int | None = None, rope_scaling: dict | None = None,
+                 tokenizer_path=None, max_shard_bytes: int | None = None, overwrite: bool = False) -> Path:
+    """An InternEvo checkpoint folder (any tp/pp) -> a HF folder (InternLM2 or native Llama layout)."""
+    from evotune.checkpoint.hf import DEFAULT_SHARD_BYTES, write_hf_dir
+    from evotune.checkpoint.internevo import InternEvoCheckpoint
+    from evotune.model.internlm2 import llama_config_from_internlm2, plan_internlm2_to_llama
+
+    _require_dir(src)
+    ckpt = InternEvoCheckpoint(src, ffn_layout)
+    cfg = ckpt.internlm2_config(max_position_embeddings, rope_scaling, dtype)
+    plan = ckpt.plan()
+    if save_format == "huggingface":
+        plan = plan_internlm2_to_llama(plan, ckpt.heads, ckpt.kv_heads)
+        cfg = _native_config(llama_config_from_internlm2(cfg))
+    elif save_format != "internlm2":
+        raise EvotuneError(f"--save-format {save_format!r}: use internlm2 or huggingface")
+    return write_hf_dir(plan, cfg, dst, dtype=dtype, tokenizer_path=tokenizer_path, overwrite=overwrite,
+                        max_shard_bytes=max_shard_bytes or DEFAULT_SHARD_BYTES)
+
+
+def _native_config(llama_config) -> dict:
+    cfg = llama_config.to_diff_dict()
+    cfg["dtype"] = str(llama_config.dtype).removeprefix("torch.") if llama_config.dtype else "float32"
+    return cfg
+
+
+def _require_dir(path) -> None:
+    p = Path(path)
+    if not p.is_dir():
+        raise EvotuneError(f"{p} is not a directory: give the checkpoint folder")
+
+
+def internlm2_source(src):
+    """(plan in InternLM2 names, InternLM2 config dict) for any folder evotune reads."""
+    from evotune.checkpoint.hf import LazyWeights
+    from evotune.model.internlm2 import internlm2_config_from_llama, plan_llama_to_internlm2
+    from evotune.model.load import detect_format, read_config_json
+
+    fmt = detect_format(src)
+    if fmt == "internevo":
+        from evotune.checkpoint.internevo import InternEvoCheckpoint
+
+        ckpt = InternEvoCheckpoint(src)
+        return ckpt.plan(), ckpt.internlm2_config()
+    cfg = read_config_json(Path(src))
+    if fmt == "internlm2":
+        return LazyWeights(src).plan(), cfg
+    if cfg.get("model_type") != "llama":
+        raise EvotuneError(
+            f"{Path(src) / 'config.json'}: model_type {cfg.get('model_type')!r} cannot become an InternEvo "
+            "InternLM2 checkpoint; only internlm2 and llama models can"
+        )
+    from transformers import LlamaConfig
+
+    llama = LlamaConfig.from_dict(cfg)
+    plan = LazyWeights(src).plan()
+    if "lm_head.weight" not in plan and llama.tie_word_embeddings:
+        plan["lm_head.weight"] = plan["model.embed_tokens.weight"]  # InternEvo has no tied head
+    return plan_llama_to_internlm2(plan, llama.num_attention_heads, llama.num_key_value_heads), \
+        internlm2_config_from_llama(llama)
+
+
+def hf2internevo(src, dst, *, tp: int, pp: int, dtype=None, overwrite: bool = False) -> Path:
+    """A HF InternLM2/Llama folder (or an InternEvo folder, to re-split it) -> InternEvo tp x pp shards."""
+    from evotune.checkpoint.internevo import write_internevo
+
+    _require_dir(src)
+    plan, cfg = internlm2_source(src)
+    return write_internevo(plan, cfg, dst, tp, pp, dtype=dtype, overwrite=overwrite)
+
+
+def find_training_checkpoint(src) -> Path:
+    """A DCP step folder: ``src`` itself, or the newest ``<work_dir>/checkpoints/step_<N>``."""
+    p = Path(src)
+    if (p / ".metadata").is_file():
+        return p
+    root = p / "checkpoints" if (p / "checkpoints").is_dir() else p
+    steps = []
+    for d in root.glob("step_*"):
+        m = re.fullmatch(r"step_(\d+)", d.name)
+        if m and (d / ".metadata").is_file():
+            steps.append((int(m.group(1)), d))
+    if not steps:
+        raise EvotuneError(
+            f"{p} is not an evotune training checkpoint: expected a step folder with .metadata or a work dir "
+            "with checkpoints/step_<N>/"
+        )
+    return max(steps)[1]
+
+
+def _dcp_plan(step_dir: Path) -> dict:
+    """The model weights of a DCP checkpoint as a plan (each tensor read on its own, offline)."""
+    import warnings
+
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict_from_keys
+
+    from evotune.checkpoint.hf import Planned
+
+    meta = dcp.FileSystemReader(str(step_dir)).read_metadata()
+    keys = [k for k, m in meta.state_dict_metadata.items()
+            if k.startswith("model.") and isinstance(m, TensorStorageMetadata)]
+    if not keys:
+        raise EvotuneError(f"{step_dir}: the checkpoint holds no model.* tensors")
+    names = [k.removeprefix("model.") for k in keys]
+    if all(n.startswith("llm.") for n in names):  # SupervisedFinetune wraps the causal LM as .llm
+        names = [n.removeprefix("llm.") for n in names]
+
+    def loader(key: str):
+        def load():
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # "assuming the intent is to load in a single process"
+                out = _load_state_dict_from_keys({key}, checkpoint_id=str(step_dir))
+            return out["model"][key.removeprefix("model.")]
+
+        return load
+
+    return {n: Planned(tuple(meta.state_dict_metadata[k].size), meta.state_dict_metadata[k].properties.dtype,
+                       loader(k)) for n, k in zip(names, keys)}
+
+
+def _source_for(step_dir: Path, model_path) -> tuple[dict, object, dict | None]:
+    """(source record, transformers config or dict, generation config) for an exported checkpoint."""
+    import json
+
+    from evotune.checkpoint.hf import SOURCE_RECORD
+
+    if model_path is None:
+        for d in (step_dir, step_dir.parent, step_dir.parent.parent):
+            if (d / SOURCE_RECORD).is_file():
+                record = json.loads((d / SOURCE_RECORD).read_text())
+                if "hf_config" not in record:
+                    raise EvotuneError(f"{d / SOURCE_RECORD} has no hf_config: pass --model PRETRAINED_FOLDER")
+                return record, record["hf_config"], record.get("generation_config")
+        raise EvotuneError(
+            f"{step_dir}: no {SOURCE_RECORD} next to the checkpoint; pass --model with the folder the "
+            "training started from (it gives the config, layout and tokenizer)"
+        )
+    from evotune.model.load import detect_format, read_config_json
+
+    fmt = detect_format(model_path)
+    if fmt == "internevo":
+        from evotune.checkpoint.internevo import InternEvoCheckpoint, config_for_json
+        from evotune.model.internlm2 import llama_config_from_internlm2
+
+        ckpt = InternEvoCheckpoint(model_path)
+        return ({"format": fmt, "path": str(model_path), "config": config_for_json(ckpt.config)},
+                llama_config_from_internlm2(ckpt.internlm2_config()), None)
+    cfg = read_config_json(Path(model_path))
+    if fmt == "internlm2":
+        from evotune.model.internlm2 import llama_config_from_internlm2
+
+        return {"format": fmt, "path": str(model_path), "config": cfg}, llama_config_from_internlm2(cfg), None
+    return {"format": "hf", "path": str(model_path), "config": cfg}, cfg, None
+
+
+def pth_to_hf(src, dst, *, model_path=None, save_format: str | None = None, dtype=None, tokenizer_path=None,
+              max_shard_bytes: int | None = None, overwrite: bool = False) -> Path:
+    """An evotune training checkpoint (DCP) -> a HF folder in the layout the training started from.
+
+    ``src``: a ``step_<N>`` folder or a work dir (its newest checkpoint).
+    The config and layout come from ``evotune_source.json`` beside the
+    checkpoint (written by the trainer, see :func:`evotune.checkpoint.hf.source_record`)
+    or from ``model_path``, the folder the training started from.
+    """
+    from evotune.checkpoint.hf import DEFAULT_SHARD_BYTES, export_plan
+
+    step_dir = find_training_checkpoint(src)
+    source, config, gen = _source_for(step_dir, model_path)
+    return export_plan(_dcp_plan(step_dir), config, dst, source=source, save_format=save_format, dtype=dtype,
+                       tokenizer_path=tokenizer_path, overwrite=overwrite, generation_config=gen,
+                       max_shard_bytes=max_shard_bytes or DEFAULT_SHARD_BYTES)
