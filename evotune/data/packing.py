@@ -194,7 +194,7 @@ def build_valid_datasets(valid_folder, packed_length: int, max_length_per_sample
     out = {}
     for parent, rels in groups.items():
         name = parent or os.path.basename(os.path.normpath(valid_folder))
-        sub = os.path.join(valid_folder, parent)
+        sub = os.path.join(valid_folder, parent) if parent else valid_folder
         folder = load_files(sub, [r.rsplit("/", 1)[-1] for r in rels], min_length)
         ds = PackedDataset(folder, packed_length, max_length_per_sample=max_length_per_sample,
                            pack_sample_into_one=pack_sample_into_one)
