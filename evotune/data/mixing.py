@@ -49,7 +49,7 @@ def _resolve(name: str, folders: set[str], files: set[str]) -> str:
     if len(by_base) > 1:
         raise EvotuneError(f"dataset_weights: name '{name}' matches several folders ({', '.join(by_base)}); "
                            "use the path relative to the training folder")
-    close = difflib.get_close_matches(key, sorted(folders | files), n=1)
+    close = difflib.get_close_matches(key, sorted(folders | files | {f.rsplit('/', 1)[-1] for f in folders}), n=1)
     hint = f" (did you mean '{close[0]}'?)" if close else ""
     raise EvotuneError(f"dataset_weights: name '{name}' matches no folder or data file of the training folder"
                        f"{hint}; names are paths relative to it, or a folder's unique base name")
