@@ -18,6 +18,7 @@ _EXPORTS: dict[str, str] = {
     # data
     "load_intern_repo_tokenized_dataset": "evotune.data.ftdp",
     "build_packed_dataset": "evotune.data.packing",
+    "build_valid_datasets": "evotune.data.packing",
     "InternRepoSampler": "evotune.data.sampler",
     "SequenceParallelSampler": "evotune.data.sampler",
     "packed_collate": "evotune.data.collate",
