@@ -408,8 +408,7 @@ def export_plan(
         cfg_out["dtype"] = dtype_name
         if cfg_out.get("tie_word_embeddings"):
             plan.pop("lm_head.weight", None)  # safetensors refuses shared tensors; the loader re-ties
-    if generation_config is None and source_dir is not None and (source_dir / "generation_config.json").is_file():
-        generation_config = json.loads((source_dir / "generation_config.json").read_text())
+    generation_config = _generation_config(generation_config, source_dir)
     return write_hf_dir(
         plan,
         cfg_out,
@@ -421,3 +420,18 @@ def export_plan(
         overwrite=overwrite,
         max_shard_bytes=max_shard_bytes,
     )
+
+
+def _generation_config(current: dict | None, source_dir: Path | None) -> dict | None:
+    """The source's generation_config.json as it was, unless the model's own differs from it."""
+    file = source_dir / "generation_config.json" if source_dir is not None else None
+    if file is None or not file.is_file():
+        return current
+    original = json.loads(file.read_text())
+    if current is None:
+        return original
+    from transformers import GenerationConfig
+
+    if GenerationConfig.from_dict(original).to_diff_dict() == GenerationConfig.from_dict(current).to_diff_dict():
+        return original
+    return current

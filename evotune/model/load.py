@@ -140,6 +140,10 @@ def load_model(path, dtype=None, device=None) -> torch.nn.Module:
     else:
         model = _load_hf(p, dtype)
         source = {"format": "hf", "path": str(p), "config": read_config_json(p)}
+    if fmt != "hf" and (p / "generation_config.json").is_file():
+        from transformers import GenerationConfig
+
+        model.generation_config = GenerationConfig.from_pretrained(p)
     if device is not None:
         model = model.to(device)
     model.eval()
