@@ -15,7 +15,8 @@ Kernels, chosen per call by the device of the query:
   its own and the outputs are concatenated: exact, and what the tests use.
 
 Without ``cu_seq_lens_q`` (generation, plain evaluation) position resets in a
-single row are turned into boundaries; otherwise plain causal SDPA runs.
+single row are turned into boundaries (read from the device once per forward,
+not once per layer); otherwise plain causal SDPA runs.
 """
 
 from __future__ import annotations
@@ -23,7 +24,10 @@ from __future__ import annotations
 import inspect
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
+
+from evotune.parallel.ulysses import sequence_parallel_attention
 
 ATTN_NAME = "evotune_varlen"
 
@@ -85,6 +89,26 @@ def _bounds_from_positions(position_ids: torch.Tensor) -> list[int] | None:
     return starts + [pos.numel()]
 
 
+def _segments_from_positions(position_ids: torch.Tensor, device: torch.device):
+    """``(cu_seqlens, max_length)`` from position resets, or None; read once per ``position_ids`` tensor.
+
+    Finding the resets needs the positions on the host: on CUDA a device
+    synchronisation. Every decoder layer (and its recomputation in backward)
+    receives the same ``position_ids`` tensor, so the answer is kept on that
+    tensor and the device is asked once per forward instead of once per layer.
+    """
+    cached = getattr(position_ids, "_evotune_segments", None)
+    if cached is not None and cached[0] == position_ids._version and cached[1] == device:
+        return cached[2]
+    bounds = _bounds_from_positions(position_ids)
+    segments = None
+    if bounds is not None:
+        cu = torch.tensor(bounds, dtype=torch.int32, device=device)
+        segments = (cu, max(b - a for a, b in zip(bounds[:-1], bounds[1:])))
+    position_ids._evotune_segments = (position_ids._version, device, segments)
+    return segments
+
+
 def varlen_attention_forward(
     module: torch.nn.Module,
     query: torch.Tensor,
@@ -98,14 +122,27 @@ def varlen_attention_forward(
     max_length_q: int | None = None,
     max_length_k: int | None = None,
     position_ids: torch.Tensor | None = None,
+    sp_group: dist.ProcessGroup | None = None,
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
-    """transformers attention function: q [B, Hq, S, D], k/v [B, Hkv, S, D] -> [B, S, Hq, D]."""
+    """transformers attention function: q [B, Hq, S, D], k/v [B, Hkv, S, D] -> [B, S, Hq, D].
+
+    ``sp_group`` (sequence parallel): q/k/v hold this rank's chunk of the row and
+    ``cu_seq_lens_*`` the whole row's boundaries; the attention runs on the whole
+    sequence for heads / sp heads (evotune.parallel.ulysses).
+    """
+    if sp_group is not None and dist.get_world_size(sp_group) > 1:
+        def whole_sequence(q, k, v):  # positions are a shard here and not needed: boundaries are cu_seqlens
+            return varlen_attention_forward(
+                module, q, k, v, attention_mask, scaling, dropout, cu_seq_lens_q, cu_seq_lens_k,
+                max_length_q, max_length_k, **kwargs)[0]
+
+        return sequence_parallel_attention(whole_sequence, query, key, value, sp_group), None
     if cu_seq_lens_q is None and position_ids is not None and query.shape[0] == 1 and query.shape[2] > 1:
-        bounds = _bounds_from_positions(position_ids)
-        if bounds is not None:
-            cu_seq_lens_q = cu_seq_lens_k = torch.tensor(bounds, dtype=torch.int32, device=query.device)
-            max_length_q = max_length_k = max(b - a for a, b in zip(bounds[:-1], bounds[1:]))
+        segments = _segments_from_positions(position_ids, query.device)
+        if segments is not None:
+            cu_seq_lens_q = cu_seq_lens_k = segments[0]
+            max_length_q = max_length_k = segments[1]
     if cu_seq_lens_q is None:
         out = F.scaled_dot_product_attention(
             query, key, value, attn_mask=attention_mask,
