@@ -468,10 +468,63 @@ def test_every_shipped_config_loads():
         assert cfg["train_dataset"]["packed_length"] == cfg["max_length"], name
 
 
-def _golden_cases():
-    index = CONFORMANCE / "golden" / "index.json"
-    if not index.is_file():
-        return []
-    cases = json.loads(index.read_text())["cases"]
-    return [c for c in cases if c["params"]["folder"] == "small" and c["params"]["seq_len"] == 16
-            and c["params"]["min_length"] == 0 and not c["params"]["pack_sample_into_one"]]
+def _batches(tmp_path: Path, config: Path, steps: int, world: int, rank: int) -> list[dict]:
+    out = tmp_path / f"batches_w{world}_r{rank}.jsonl"
+    assert cli_main(["batches", str(config), "--steps", str(steps), "--world-size", str(world), "--rank", str(rank),
+                     "--out", str(out)]) == 0
+    return [json.loads(line) for line in out.read_text().splitlines()]
+
+
+def _golden_micro_batches(golden: dict, rank: int) -> list[dict]:
+    return [{"step": step["step"], "micro": micro, "input_ids": mb["input_ids"], "labels": mb["labels"],
+             "cu_seqlens": mb["cu_seqlens"], "position_ids": mb["indexes"], "type_ids": mb["type_ids"]}
+            for step in golden["ranks"][rank]["steps"] for micro, mb in enumerate(step["micro_batches"])]
+
+
+def _migrate_golden_case(tmp_path: Path, case_id: str, **kwargs) -> tuple[dict, Path]:
+    golden = json.loads((CONFORMANCE / "golden" / "small" / f"{case_id}.json").read_text())
+    p = golden["params"]
+    src, _ = write_fixture(tmp_path, "golden", seq_len=p["seq_len"], micro_bsz=p["micro_bsz"],
+                           micro_num=p["micro_num"], min_length=p["min_length"], one=p["pack_sample_into_one"],
+                           train=str(CONFORMANCE / p["train_folder"]), total_steps=40,
+                           extra=f'data["seed"] = {p["seed"]}')
+    result = migrate(src, world_size=p["dp_world"])
+    return golden, write_output(tmp_path, result.text)
+
+
+needs_conformance = pytest.mark.skipif(not (CONFORMANCE / "golden" / "index.json").is_file(),
+                                       reason="../shared/conformance/internevo_data is absent")
+
+
+@needs_conformance
+@pytest.mark.parametrize("case_id", [
+    "small-s16-b1-n1-dp2-m0-cut-seed1024", "small-s16-b1-n3-dp2-m0-cut-seed1024",
+    "small-s16-b2-n1-dp1-m0-cut-seed1024", "small-s16-b2-n3-dp2-m0-cut-seed1024",
+    "small-s16-b2-n3-dp1-m5-one-seed1024",
+])
+def test_batches_of_a_migrated_config_are_internevos(tmp_path, monkeypatch, case_id):
+    monkeypatch.setenv("EVOTUNE_CACHE", str(tmp_path / "cache"))
+    golden, config = _migrate_golden_case(tmp_path, case_id)
+    world = golden["params"]["dp_world"]
+    for rank in range(world):
+        steps = len(golden["ranks"][rank]["steps"])
+        assert _batches(tmp_path, config, steps, world, rank) == _golden_micro_batches(golden, rank)
+
+
+@needs_conformance
+def test_fewer_gpus_train_the_same_packs_per_step(tmp_path, monkeypatch):
+    """InternEvo on 2 GPUs (micro_num 3) -> evotune on 1 GPU with accumulation 6: each optimizer step
+    trains the same 6 packs (InternEvo's global permutation in blocks of dp x micro_num), across epochs."""
+    monkeypatch.setenv("EVOTUNE_CACHE", str(tmp_path / "cache"))
+    golden, _ = _migrate_golden_case(tmp_path, "small-s16-b2-n3-dp2-m0-cut-seed1024")
+    p = golden["params"]
+    src = tmp_path / "golden.py"
+    config = write_output(tmp_path, migrate(src, world_size=2, target_world_size=1).text, "one_gpu.py")
+    assert load_config(config)["accumulative_counts"] == 6
+    steps = len(golden["ranks"][0]["steps"])
+    assert steps > golden["steps_per_epoch"]  # the comparison crosses an epoch boundary
+    ours = _batches(tmp_path, config, steps, 1, 0)
+    for s in range(steps):
+        theirs = sorted(mb["input_ids"] for r in range(p["dp_world"])
+                        for mb in golden["ranks"][r]["steps"][s]["micro_batches"])
+        assert sorted(b["input_ids"] for b in ours if b["step"] == s) == theirs, s
