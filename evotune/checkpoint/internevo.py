@@ -73,6 +73,7 @@ class _RestrictedUnpickler(pickle.Unpickler):
     }
 
     def find_class(self, module, name):
+        module = {"__builtin__": "builtins", "copy_reg": "copyreg"}.get(module, module)  # protocol 2 names
         if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
             return getattr(torch, name)
         if (module, name) in self._ALLOWED:
