@@ -421,24 +421,35 @@ def nearest_world_sizes(packs_per_step: int, sequence_parallel_size: int, world_
 
 
 def plan_batch(internevo: InternEvoParallel, seq_len: int, micro_bsz: int, micro_num: int, world_size: int,
-               sequence_parallel_size: int | None = None) -> BatchPlan:
+               sequence_parallel_size: int | None = None, num_heads: int | None = None) -> BatchPlan:
     """Choose evotune's sequence parallel size and accumulation for the same packs per step.
 
     ``sequence_parallel_size=None``: start from InternEvo's sequence-parallel degree
     (the tensor size for msp/fsp/isp, 1 for mtp) and take the smallest size up to
     tensor * pipeline (the GPUs of one InternEvo replica, where dp is InternEvo's
-    own) that divides the world and makes the accumulation an integer.
+    own) that divides the world and makes the accumulation an integer; when
+    ``num_heads`` (Ulysses gives every rank heads / sp heads) rules those out,
+    the largest smaller size that fits.
     """
     packs = internevo.data_parallel_size * micro_num
     start = internevo.tensor if internevo.mode in SEQUENCE_MODES else 1
+
+    def splits_heads(sp: int) -> bool:
+        return not num_heads or num_heads % sp == 0
+
     if sequence_parallel_size is not None:
         candidates = [int(sequence_parallel_size)]
         if world_size % candidates[0]:
             raise EvotuneError(f"--sequence-parallel-size {candidates[0]} does not divide the world size "
                                f"{world_size}")
+        if not splits_heads(candidates[0]):
+            raise EvotuneError(f"--sequence-parallel-size {candidates[0]}: the model's {num_heads} attention heads "
+                               f"cannot be split over {candidates[0]} ranks; choose a divisor of {num_heads}")
     else:
         limit = max(start, internevo.tensor * internevo.pipeline)
-        candidates = [sp for sp in _divisors(world_size) if start <= sp <= limit] or [start]
+        usable = [sp for sp in _divisors(world_size) if splits_heads(sp)]
+        candidates = ([sp for sp in usable if start <= sp <= limit]
+                      + sorted((sp for sp in usable if sp < start), reverse=True)) or [start]
     for sp in candidates:
         dp = world_size // sp
         if world_size % sp == 0 and packs % dp == 0:
@@ -449,7 +460,8 @@ def plan_batch(internevo: InternEvoParallel, seq_len: int, micro_bsz: int, micro
         f"{w} (dp {w // sp}, accumulative_counts {packs // (w // sp)})"
         for w in nearest_world_sizes(packs, sp, world_size)
     )
-    other_sp = [s for s in _divisors(world_size) if s != sp and packs % (world_size // s) == 0]
+    other_sp = [s for s in _divisors(world_size)
+                if s != sp and splits_heads(s) and packs % (world_size // s) == 0]
     alt = (f"; or keep {world_size} GPUs with --sequence-parallel-size "
            f"{' or '.join(str(s) for s in other_sp[:3])}") if other_sp else ""
     raise EvotuneError(
@@ -947,9 +959,13 @@ class _Translator:
             "isp": "InternEvo's isp is Ulysses-style: sequence shards, all-to-all around attention, as evotune's",
         }[ie.mode]
         start = ie.tensor if ie.mode in SEQUENCE_MODES else 1
-        if sp != start:
+        if sp > start:
             tensor_note += (f"; sequence_parallel_size {sp} (not {start}) so that dp {plan.data_parallel_size} "
                             f"divides the {plan.packs_per_step} packs per step")
+        elif sp < start:
+            tensor_note += (f"; sequence_parallel_size {sp} (not {start}): the largest that splits the "
+                            f"{c.get('model.num_attention_heads')} attention heads and the {plan.packs_per_step} "
+                            f"packs per step")
         status = MAPPED if (ie.mode == "isp" and sp == ie.tensor) or (ie.tensor == 1 and sp == 1) else CHANGED
         self.rows.append(Row("parallel.tensor", c.get("parallel.tensor", 1), status, "sequence_parallel_size",
                              tensor_note))
@@ -1239,8 +1255,9 @@ def migrate(path: str | os.PathLike, world_size: int | None = None, target_world
         raise EvotuneError(f"{cfg.path}: InternEvo would not run on {world_size} GPUs: {'; '.join(problems)} "
                            f"(--world-size is the GPU count of the InternEvo job)")
     target = int(target_world_size or world_size)
+    heads = cfg.get("model.num_attention_heads")
     plan = plan_batch(ie, cfg.get("data.seq_len"), cfg.get("data.micro_bsz"), micro_num, target,
-                      sequence_parallel_size)
+                      sequence_parallel_size, heads if isinstance(heads, int) else None)
 
     tr = _Translator(cfg)
     tr.take("data.micro_num")
@@ -1286,8 +1303,9 @@ def _print_table(rows: list[Row], plain: bool) -> None:
     colour = {MAPPED: "green", CHANGED: "yellow", UNSUPPORTED: "bold red", NOT_NEEDED: "dim"}
     order = {MAPPED: 0, CHANGED: 1, UNSUPPORTED: 2, NOT_NEEDED: 3}
     table = Table(title="InternEvo -> evotune")
-    for name in ("InternEvo key", "value", "status", "evotune", "note"):
-        table.add_column(name, overflow="fold")
+    for name in ("InternEvo key", "value", "status", "evotune"):
+        table.add_column(name, no_wrap=True)
+    table.add_column("note", overflow="fold")
     for r in sorted(rows, key=lambda r: order[r.status]):
         table.add_row(r.key, _short(r.value), f"[{colour[r.status]}]{r.status}[/]", r.target, r.note)
     Console().print(table)

@@ -372,6 +372,22 @@ def test_sequence_parallel_raised_when_tensor_ranks_must_stay_together(tmp_path)
         migrate(src, world_size=32, sequence_parallel_size=1)
 
 
+def test_sequence_parallel_size_splits_the_attention_heads(tmp_path):
+    # InternEvo's configs/20B_isp_sft.py layout: isp over 32 ranks, 48 heads, 64k packs, 64 GPUs -> dp 2.
+    # Ulysses cannot give 32 ranks 48 / 32 heads: the largest size that splits them and the batch is 16.
+    src, _ = write_fixture(tmp_path, "isp_20b", seq_len=65536, micro_bsz=1, micro_num=4,
+                           parallel='dict(zero1=dict(size=-1), tensor=dict(size=32, mode="isp"), '
+                                    'pipeline=dict(size=1), weight=dict(size=4))')
+    src.write_text(src.read_text().replace("NUM_ATTENTION_HEAD = 32", "NUM_ATTENTION_HEAD = 48"))
+    result = migrate(src, world_size=64)
+    cfg = load_config(write_output(tmp_path, result.text))
+    assert (cfg["sequence_parallel_size"], cfg["accumulative_counts"]) == (16, 2)
+    assert evotune_tokens_per_step(cfg, 64) == 2 * 4 * 65536
+    assert "48 attention heads" in {r.key: r for r in result.rows}["parallel.tensor"].note
+    with pytest.raises(EvotuneError, match="48 attention heads cannot be split over 32 ranks"):
+        migrate(src, world_size=64, sequence_parallel_size=32)
+
+
 def test_world_size_internevo_would_reject(tmp_path):
     src, _ = write_fixture(tmp_path, "tp2_pp2_zero8")
     with pytest.raises(EvotuneError, match="would not run on 12 GPUs.*zero1 size 8 does not divide"):
