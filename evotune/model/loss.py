@@ -27,8 +27,11 @@ DEFAULT_CHUNK_TOKENS = 2048
 IGNORE_INDEX = -100
 
 
-def _chunk_forward(hidden, weight, bias, labels, token_weight, label_smoothing, need_grad: bool):
+def _chunk_forward(hidden, weight, bias, labels, token_weight, label_smoothing, need_grad: bool,
+                   group_ids=None, group_sums=None):
     """Weighted CE sum of one chunk and, if ``need_grad``, d(sum)/d(logits) in the logits' dtype.
+
+    ``group_sums`` (if given) gets each token's plain CE ``lse - z_y`` added at its ``group_ids`` entry.
 
     The loss is computed in fp32 (or wider) whatever the matmul dtype (bf16 under autocast).
     ``CE = lse - (1 - eps) * z_y - eps * mean(z)`` with ``lse = m + log(sum(exp(z - m)))``,
@@ -41,13 +44,17 @@ def _chunk_forward(hidden, weight, bias, labels, token_weight, label_smoothing, 
     del logits
     w = token_weight.to(z.dtype) * (labels != IGNORE_INDEX)
     target = labels.clamp(min=0).unsqueeze(1)
-    ce = -(1.0 - label_smoothing) * z.gather(1, target).squeeze(1)
+    z_y = z.gather(1, target).squeeze(1)
+    ce = -(1.0 - label_smoothing) * z_y
     if label_smoothing:
         ce = ce - label_smoothing * z.mean(dim=1)
     m = z.amax(dim=1, keepdim=True)
     p = z.sub_(m).exp_()  # unnormalised softmax; z is not needed any more
     total = p.sum(dim=1, keepdim=True)
-    ce = ce + (m + total.log()).squeeze(1)
+    lse = (m + total.log()).squeeze(1)
+    ce = ce + lse
+    if group_sums is not None:
+        group_sums.index_add_(0, group_ids, ((lse - z_y) * (labels != IGNORE_INDEX)).to(group_sums.dtype))
     loss = (ce * w).sum()
     if not need_grad:
         return loss, None
