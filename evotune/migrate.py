@@ -605,8 +605,11 @@ def _checkpoint_dims(path: str) -> dict[str, Any] | None:
         return None
     cfg_json = os.path.join(path, "config.json")
     if os.path.isfile(cfg_json):
-        with open(cfg_json, encoding="utf-8") as f:
-            return json.load(f)
+        try:
+            with open(cfg_json, encoding="utf-8") as f:
+                return json.load(f)
+        except (OSError, json.JSONDecodeError) as e:
+            raise EvotuneError(f"{cfg_json}: cannot read the checkpoint's config ({e})") from None
     if os.path.isfile(os.path.join(path, "model_config.pt")):
         from evotune.checkpoint.internevo import load_model_config
 
@@ -622,6 +625,9 @@ class _Translator:
         self.rows: list[Row] = []
         self.handled: set[str] = set()
         self.settings: dict[str, tuple[Any, str]] = {}  # evotune setting -> (value, comment)
+        self.work_dir: str | None = None  # ckpt.save_ckpt_folder
+        self.eta_min = 0.0  # lr_scheduler.eta_min
+        self.schedule_steps: int | None = None  # lr_scheduler.total_steps when it differs from data.total_steps
 
     def src(self, key: str) -> str:
         line = self.cfg.lines.get(key)
@@ -947,9 +953,8 @@ class _Translator:
         ie = plan.internevo
         sp = plan.sequence_parallel_size
         for leaf in _flatten(c.get("parallel"), "parallel") if c.has("parallel") else {}:
-            if leaf.startswith(("parallel.tensor", "parallel.pipeline.size", "parallel.zero1", "parallel.weight.size",
-                                "parallel.pipeline")) and leaf not in _KEY_NOT_NEEDED:
-                self.handled.add(leaf)
+            if leaf.split(".")[1] in ("tensor", "pipeline", "zero1", "weight"):
+                self.handled.add(leaf)  # one row per sub-dict below
         tensor_note = {
             "mtp": "Megatron tensor parallel: its ranks share packs; evotune shards weights with FSDP instead",
             "msp": "Megatron tensor + sequence parallel -> Ulysses sequence parallel (all-to-all around "
@@ -985,7 +990,8 @@ class _Translator:
         if ie.weight > 1:
             self.rows.append(Row("parallel.weight", c.get("parallel.weight"), CHANGED, "--deepspeed deepspeed_zero3",
                                  f"weight parallel {ie.weight} shards parameters in groups of {ie.weight}; "
-                                 f"evotune shards them over all {plan.data_parallel_size} data-parallel ranks"))
+                                 f"evotune shards them over all {plan.data_parallel_size} data-parallel ranks "
+                                 f"(its overlap/prefetch knobs: FSDP2 prefetches by itself)"))
         elif c.has("parallel.weight"):
             self.rows.append(Row("parallel.weight", c.get("parallel.weight"), NOT_NEEDED, "", "size 1"))
         s2d = c.get("parallel.sequence_2D")
@@ -1035,8 +1041,6 @@ class _Translator:
                 continue  # private names and CONSTANTS are helpers the sections above use
             if name in _TOP_NOT_NEEDED and name not in self.handled:
                 self.handled.add(name)
-                if name == "grad_scaler" and any(r.key == "grad_scaler" for r in self.rows):
-                    continue
                 self.rows.append(Row(name, "..." if isinstance(value, dict) else value, NOT_NEEDED, "",
                                      _TOP_NOT_NEEDED[name]))
                 continue
@@ -1117,7 +1121,7 @@ def render(source: str, tr: _Translator, plan: BatchPlan, preset: str | None, as
         private.append(_assign("_schedule_steps", tr.schedule_steps, tr.src("lr_scheduler.total_steps")))
         schedule_total = "_schedule_steps"
     private.append(f"_warmup_steps = int({schedule_total} * warm_up_ratio)  # InternEvo: int(total_steps * warmup_ratio)")
-    work_dir = getattr(tr, "work_dir", None)
+    work_dir = tr.work_dir
     parts = [
         _part("PART 1  Settings"),
         "# Model",

@@ -328,6 +328,44 @@ def test_schedule_matches_internevo_step_for_step(tmp_path, ratio):
         sched.step()
 
 
+def test_schedule_with_its_own_total_steps(tmp_path):
+    import torch
+
+    from evotune.train.schedule import build_scheduler
+
+    src, _ = write_fixture(tmp_path, "tp1_pp1_zero_all", total_steps=100, warmup_ratio=0.1,
+                           extra='lr_scheduler["total_steps"] = 80')
+    cfg = load_config(write_output(tmp_path, migrate(src, world_size=16).text))
+    assert cfg["max_steps"] == 100
+    opt = build(cfg["optim_wrapper"]["optimizer"], params=[torch.nn.Parameter(torch.zeros(1))])
+    sched = build_scheduler(opt, [build(p) for p in cfg["param_scheduler"]], steps_per_epoch=7, total_steps=100)
+    for step in range(80):  # past its total_steps InternEvo's torch cosine turns back up; evotune stays at eta_min
+        assert sched.get_last_lr()[0] == pytest.approx(_internevo_lr(step, 1e-4, 80, 0.1, 1e-5), rel=1e-12), step
+        opt.step()
+        sched.step()
+
+
+def test_checkpoint_and_precision_translation(tmp_path):
+    extra = textwrap.dedent('''
+        model["dtype"] = "torch.float16"
+        model["checkpoint"] = 0.5
+        ckpt["auto_resume"] = True
+        ckpt["load_ckpt_info"] = dict(path="local:/ckpt/7b", content=("model", "optimizer"), ckpt_type="hf")
+        ckpt["save_ckpt_folder"] = "boto3:s3://bucket/ckpt"
+    ''')
+    src, _ = write_fixture(tmp_path, "tp1_pp1_zero_all", extra=extra)
+    result = migrate(src, world_size=16)
+    rows = {r.key: r for r in result.rows}
+    cfg = load_config(write_output(tmp_path, result.text))
+    assert cfg["torch_dtype"] == "bfloat16" and rows["model.dtype"].status == CHANGED
+    assert rows["grad_scaler"].status == CHANGED
+    assert cfg["activation_checkpointing"] is True and rows["model.checkpoint"].status == CHANGED
+    assert cfg["pretrained_model_name_or_path"] == "/ckpt/7b"
+    assert rows["ckpt.auto_resume"].status == CHANGED
+    assert {r.key for r in result.unsupported} == {"ckpt.load_ckpt_info.content", "ckpt.save_ckpt_folder"}
+    assert "work_dir" not in cfg
+
+
 def test_unsupported_keys_are_reported_and_exit_non_zero(tmp_path, capsys):
     extra = textwrap.dedent('''
         data["rampup_batch_size"] = "192 24 8"
