@@ -3,6 +3,8 @@
 Generates a deterministic JSON-lines input (text records, or chat records
 rendered with internlm2_chat) split over several files, tokenizes it with the
 real InternLM2 sentencepiece model, and prints one table row per worker count.
+CPU time (this process plus the pool's workers) is printed too: on a shared
+machine, tokens per CPU-second is the figure that does not depend on the load.
 
     python bench/tokenize_throughput.py --records 300000 --files 4 --format text
     python bench/tokenize_throughput.py --records 300000 --files 4 --format chat
@@ -13,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import tempfile
 import time
@@ -51,6 +54,12 @@ def generate(folder: Path, records: int, files: int, fmt: str, seed: int = 0) ->
     return paths
 
 
+def _cpu_seconds() -> float:
+    """User + system time of this process and its reaped children (the pool's workers)."""
+    return sum(r.ru_utime + r.ru_stime for r in (resource.getrusage(resource.RUSAGE_SELF),
+                                                  resource.getrusage(resource.RUSAGE_CHILDREN)))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--records", type=int, default=300_000)
@@ -67,17 +76,20 @@ def main() -> None:
         size = sum(os.path.getsize(x) for x in inputs)
         print(f"input: {args.records:,} {args.format} records in {args.files} files, {size / 2**20:.0f} MiB "
               f"(generated in {time.perf_counter() - t:.0f} s); cpus: {os.cpu_count()}")
-        print("| workers | wall s | documents/s | tokens/s | MiB/s |")
-        print("|---|---|---|---|---|")
+        print("| workers | wall s | documents/s | tokens/s | MiB/s | CPU s | tokens per CPU-second | load avg |")
+        print("|---|---|---|---|---|---|---|---|")
         for w in args.workers:
             out = tmp / f"out-w{w}"
+            cpu0 = _cpu_seconds()
             t = time.perf_counter()
             stats = tokenize_files(inputs, out, args.tokenizer, fmt=args.format,
                                    template="internlm2_chat" if args.format == "chat" else None,
                                    workers=w, progress=False)
             dt = time.perf_counter() - t
+            cpu = _cpu_seconds() - cpu0
             docs, tokens = stats.docs["train"], stats.tokens["train"]
-            print(f"| {w} | {dt:.1f} | {docs / dt:,.0f} | {tokens / dt:,.0f} | {size / 2**20 / dt:.1f} |", flush=True)
+            print(f"| {w} | {dt:.1f} | {docs / dt:,.0f} | {tokens / dt:,.0f} | {size / 2**20 / dt:.1f} | {cpu:.1f} "
+                  f"| {tokens / cpu:,.0f} | {os.getloadavg()[0]:.1f} |", flush=True)
             shutil.rmtree(out)
     finally:
         shutil.rmtree(tmp)

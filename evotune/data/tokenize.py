@@ -42,10 +42,14 @@ class SentencePieceCodec:
     the ``<|...|>`` spellings its chat models use are mapped to those ids.
     """
 
-    _INTERNLM2_ALIASES = {"<|im_start|>": (92543, "[UNUSED_TOKEN_146]"), "<|im_end|>": (92542, "[UNUSED_TOKEN_145]"),
-                          "<|action_start|>": (92541, "[UNUSED_TOKEN_144]"),
-                          "<|action_end|>": (92540, "[UNUSED_TOKEN_143]"),
-                          "<|interpreter|>": (92539, "[UNUSED_TOKEN_142]"), "<|plugin|>": (92538, "[UNUSED_TOKEN_141]")}
+    _INTERNLM2_ALIASES = {  # spelling: (id, the piece's name in the bare model)
+        "<|im_start|>": (92543, "[UNUSED_TOKEN_146]"),
+        "<|im_end|>": (92542, "[UNUSED_TOKEN_145]"),
+        "<|action_start|>": (92541, "[UNUSED_TOKEN_144]"),
+        "<|action_end|>": (92540, "[UNUSED_TOKEN_143]"),
+        "<|interpreter|>": (92539, "[UNUSED_TOKEN_142]"),
+        "<|plugin|>": (92538, "[UNUSED_TOKEN_141]"),
+    }
 
     def __init__(self, path: str):
         import sentencepiece
@@ -217,7 +221,7 @@ class RecordEncoder:
         body = self.codec.encode_text([text])[0]
         bos = [self.codec.bos_id] if self.codec.bos_id is not None else []
         tokens = bos + body + [self.codec.eos_id]
-        return Encoded(tokens, "text", [i for i, t in enumerate(tokens) if t == 0])
+        return Encoded(tokens, "text", [i for i, t in enumerate(tokens) if t == 0] if 0 in tokens else [])
 
     def _encode_chat(self, messages) -> Encoded:
         if self.template_name is None:
