@@ -109,7 +109,9 @@ def test_cli_config_typo_is_one_line_without_traceback(tmp_path):
 
 def test_cli_list_and_copy_cfg(tmp_path):
     out = _cli("list-cfg", "-p", "INTERNLM2")
-    assert out.returncode == 0 and out.stdout.split() == ["internlm2_7b_w_internevo_dataset"]
+    names = out.stdout.split()
+    assert out.returncode == 0 and "internlm2_7b_w_internevo_dataset" in names
+    assert all("internlm2" in n for n in names) and "tiny_llama_cpu" not in names  # the filter, case-insensitive
     out = _cli("copy-cfg", "internlm2_7b_w_internevo_dataset", str(tmp_path))
     assert out.returncode == 0
     assert (tmp_path / "internlm2_7b_w_internevo_dataset_copy.py").read_text() == open(SHIPPED).read()
