@@ -34,6 +34,7 @@ from evotune.errors import EvotuneError
 
 FILE_SHUFFLE_SEED = 1024  # InternEvo's DEFAULT_SEED for the per-file document shuffle
 IGNORE = -100
+_SLICE_LIMIT = 64  # fragments per pack up to which slices are concatenated
 
 
 def _build(spec):
@@ -95,6 +96,10 @@ class PackedDataset:
         self.max_token_id = folder.max_token_id
         self.plans = [_plan_file(f, self.packed_length) for f in folder.files]
         self.pack_offsets = np.concatenate([[0], np.cumsum([len(p.first_doc) for p in self.plans])]).astype(np.int64)
+        self._arange = np.arange(self.packed_length, dtype=np.int64)
+        L = self.max_length_per_sample
+        self._grid_cu = np.arange(0, self.packed_length + 1, L, dtype=np.int32)
+        self._grid_pos = self._arange % L
         self.mixing = None
         if dataset_weights:
             from evotune.data.mixing import Mixing
@@ -123,44 +128,53 @@ class PackedDataset:
     def _pack(self, plan: _FilePacks, k: int) -> dict[str, np.ndarray]:
         P = self.packed_length
         f = plan.file
-        docs = np.arange(plan.first_doc[k], plan.last_doc[k] + 1)
-        rows = plan.doc_rows[docs]
+        d0, d1 = int(plan.first_doc[k]), int(plan.last_doc[k]) + 1
+        rows = plan.doc_rows[d0:d1]
         doc_len = f.lengths[rows]
-        doc_start = plan.doc_ends[docs] - doc_len  # stream position of each document's first token
+        doc_start = plan.doc_ends[d0:d1] - doc_len  # stream position of each document's first token
         frag_a = np.maximum(k * P - doc_start, 0)  # fragment = doc tokens [frag_a, frag_b)
         frag_b = np.minimum((k + 1) * P - doc_start, doc_len)
         frag_len = frag_b - frag_a
+        src = f.row_start[rows] + frag_a  # where each fragment starts in the token index
         frag_pos = np.cumsum(frag_len) - frag_len  # where each fragment starts in the pack
-        flat = np.repeat(f.row_start[rows] + frag_a - frag_pos, frag_len) + np.arange(P)
-        tokens = np.asarray(f.tokens[flat], dtype=np.int64)
-
-        labels = np.empty(P, dtype=np.int64)
-        labels[:-1] = tokens[1:]
-        ends = frag_pos + frag_len - 1  # last position of every fragment
-        labels[ends[frag_len > 0]] = IGNORE
-        if not self.pack_sample_into_one and frag_b[-1] < doc_len[-1]:
-            labels[-1] = f.tokens[f.row_start[rows[-1]] + frag_b[-1]]  # cut: the document's next token
-        labels[labels <= 0] = IGNORE
-
-        L = self.max_length_per_sample
-        if self.pack_sample_into_one:
-            cu_seqlens = np.arange(0, P + 1, L, dtype=np.int32)
-            position_ids = np.tile(np.arange(L, dtype=np.int64), P // L)
+        # One block for the four int64 rows: a single large allocation, and no temporaries of P int64,
+        # keeps the allocator from handing fresh pages (page faults cost more than the packing).
+        out = np.empty((4, P), dtype=np.int64)
+        input_ids, labels, position_ids, type_ids = out
+        if len(rows) <= _SLICE_LIMIT:  # few fragments: contiguous copies beat an index gather
+            input_ids[:] = np.concatenate([f.tokens[s:s + n] for s, n in zip(src.tolist(), frag_len.tolist())])
         else:
-            frag_len = frag_len[frag_len > 0]
-            full, rest = np.divmod(frag_len, L)
-            n_seg = full + (rest > 0)
-            seg_len = np.full(int(n_seg.sum()), L, dtype=np.int64)
-            seg_len[(np.cumsum(n_seg) - 1)[rest > 0]] = rest[rest > 0]
-            cu_seqlens = np.concatenate([[0], np.cumsum(seg_len)]).astype(np.int32)
-            position_ids = np.arange(P, dtype=np.int64) - np.repeat(cu_seqlens[:-1].astype(np.int64), seg_len)
-        return {
-            "input_ids": np.abs(tokens),
-            "labels": labels,
-            "position_ids": position_ids,
-            "cu_seqlens": cu_seqlens,
-            "type_ids": np.full(P, f.type_id, dtype=np.int64),
-        }
+            input_ids[:] = f.tokens[np.repeat(src - frag_pos, frag_len) + self._arange]
+
+        labels[:-1] = input_ids[1:]
+        labels[(frag_pos + frag_len - 1)[frag_len > 0]] = IGNORE  # every fragment's last token
+        if not self.pack_sample_into_one and frag_b[-1] < doc_len[-1]:
+            labels[-1] = f.tokens[src[-1] + frag_len[-1]]  # cut: the document's next token
+        np.putmask(labels, labels <= 0, IGNORE)
+        np.abs(input_ids, out=input_ids)
+        type_ids.fill(f.type_id)
+
+        if self.pack_sample_into_one:
+            cu_seqlens = self._grid_cu.copy()
+            position_ids[:] = self._grid_pos
+        else:
+            L = self.max_length_per_sample
+            seg_len = frag_len[frag_len > 0]
+            if seg_len.max() > L:  # split long fragments into L-token pieces and a remainder
+                full, rest = np.divmod(seg_len, L)
+                n_seg = full + (rest > 0)
+                seg_len = np.full(int(n_seg.sum()), L, dtype=np.int64)
+                seg_len[(np.cumsum(n_seg) - 1)[rest > 0]] = rest[rest > 0]
+            cu = np.zeros(len(seg_len) + 1, dtype=np.int64)
+            np.cumsum(seg_len, out=cu[1:])
+            cu_seqlens = cu.astype(np.int32)
+            # positions: +1 per token, dropping back to 0 at each segment start
+            position_ids.fill(1)
+            position_ids[cu[1:-1]] = 1 - seg_len[:-1]
+            position_ids[0] = 0
+            np.cumsum(position_ids, out=position_ids)
+        return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids,
+                "cu_seqlens": cu_seqlens, "type_ids": type_ids}
 
 
 def build_packed_dataset(dataset_cfg, packed_length: int, seed: int = 1024, max_length_per_sample: int | None = None,
