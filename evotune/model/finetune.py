@@ -10,6 +10,7 @@ FSDP root, so the embedding, final norm and head are gathered by its own hook.
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from evotune.config import build
@@ -59,12 +60,24 @@ class SupervisedFinetune(nn.Module):
         cu_seq_lens_k: torch.Tensor | None = None,
         max_length_q: int | None = None,
         max_length_k: int | None = None,
+        sp_group: dist.ProcessGroup | None = None,
     ) -> torch.Tensor:
-        """Weighted sum of per-token CE over the supervised tokens of the row."""
+        """Weighted sum of per-token CE over the supervised tokens of the row.
+
+        ``sp_group`` (sequence parallel): the inputs are this rank's chunk of the
+        row (:func:`evotune.parallel.ulysses.shard_row`); the result is this
+        chunk's share of the row's loss, and the group's shares sum to it.
+        """
         varlen = {}
         if self.use_varlen_attn:
             varlen = dict(position_ids=position_ids, cu_seq_lens_q=cu_seq_lens_q, cu_seq_lens_k=cu_seq_lens_k,
                           max_length_q=max_length_q, max_length_k=max_length_k)
+        if sp_group is not None and dist.get_world_size(sp_group) > 1:
+            varlen["sp_group"] = sp_group
+            if not self.use_varlen_attn:  # positions run over the whole row: this chunk's are offset
+                local = input_ids.shape[1]
+                start = dist.get_rank(sp_group) * local
+                varlen["position_ids"] = torch.arange(start, start + local, device=input_ids.device).unsqueeze(0)
         hidden = self.llm.base_model(input_ids=input_ids, use_cache=False, **varlen).last_hidden_state
         hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, loss_index)
         head = self.llm.get_output_embeddings()
