@@ -287,6 +287,14 @@ def test_layout_mirrors_inputs_and_meta_matches_lines(tmp_path, hf_dir):
         assert meta.dtype == np.int64 and meta.shape == (len(lines), 2)
         assert meta[:, 0].tolist() == np.cumsum([0] + [len(x) for x in lines[:-1]]).tolist()
         assert meta[:, 1].tolist() == [len(json.loads(x)["tokens"]) for x in lines]
+    # round trip: training's reader sees the same documents, with the types of the layout
+    from evotune import load_intern_repo_tokenized_dataset
+
+    folder = load_intern_repo_tokenized_dataset(str(out / "train"))
+    assert folder.type_names == ["default", "en", "sft"]
+    assert [f.rel_path for f in folder.files] == [b[len("train/"):] for b in bins]
+    for f, rel in zip(folder.files, bins):
+        assert [f.document(r).tolist() for r in range(len(f.lengths))] == read_bin(out / rel)
 
 
 def test_layout_collisions_and_existing_outputs_are_errors(tmp_path, hf_dir):

@@ -646,47 +646,54 @@ def tokenize_files(inputs: Sequence[str | os.PathLike], out: str | os.PathLike, 
                 os.remove(p)
 
     sizes = [os.path.getsize(job.source) for job in jobs]
-    results: list[TokenizeStats | None] = [None] * len(jobs)
     workers = min(workers, len(jobs))
-    with _progress(sum(sizes), progress) as bar:
-        task = bar.add_task("tokenize", total=sum(sizes), docs=0)
-        if workers == 1:
-            done = [0, 0]
-
-            for i, job in enumerate(jobs):
-                def report(nbytes: int, ndocs: int) -> None:
-                    bar.update(task, completed=done[0] + nbytes, docs=done[1] + ndocs)
-
-                results[i] = tokenize_file(job, encoder, report)
-                done[0] += sizes[i]
-                done[1] += sum(results[i].docs.values())
-        else:
-            results = _run_pool(jobs, sizes, tokenizer, options, encoder, workers, bar, task)
+    if workers == 1:
+        results = _run_here(jobs, sizes, encoder, progress)
+    else:
+        results = _run_pool(jobs, sizes, tokenizer, encoder, workers, progress)
     total = TokenizeStats()
     for r in results:
         total.add(r)
     return total
 
 
-def _run_pool(jobs, sizes, tokenizer, options, encoder, workers, bar, task) -> list[TokenizeStats]:
+def _run_here(jobs, sizes, encoder, progress) -> list[TokenizeStats]:
+    results = []
+    with _progress(sum(sizes), progress) as bar:
+        task = bar.add_task("tokenize", total=sum(sizes), docs=0)
+        done_bytes = done_docs = 0
+        for job, size in zip(jobs, sizes):
+            def report(nbytes: int, ndocs: int) -> None:
+                bar.update(task, completed=done_bytes + nbytes, docs=done_docs + ndocs)
+
+            results.append(tokenize_file(job, encoder, report))
+            done_bytes += size
+            done_docs += sum(results[-1].docs.values())
+    return results
+
+
+def _run_pool(jobs, sizes, tokenizer, encoder, workers, progress) -> list[TokenizeStats]:
     methods = multiprocessing.get_all_start_methods()
     ctx = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
     done_bytes = ctx.Array("q", len(jobs), lock=False)
     done_docs = ctx.Array("q", len(jobs), lock=False)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # one thread per worker
-    _WORKER.update(key=(tokenizer, options), encoder=encoder)
-    pool = ctx.Pool(workers, _init_worker, (tokenizer, options, done_bytes, done_docs))
+    _WORKER.update(key=(tokenizer, encoder.options), encoder=encoder)
+    # forked before the progress bar starts its refresh thread
+    pool = ctx.Pool(workers, _init_worker, (tokenizer, encoder.options, done_bytes, done_docs))
     try:
-        order = sorted(range(len(jobs)), key=lambda i: -sizes[i])  # largest first: better balance
-        pending = {i: pool.apply_async(_work, (i, jobs[i])) for i in order}
-        while not all(r.ready() for r in pending.values()):
-            bar.update(task, completed=sum(done_bytes), docs=sum(done_docs))
-            failed = [r for r in pending.values() if r.ready() and not r.successful()]
-            if failed:
-                failed[0].get()  # raises the worker's error
-            time.sleep(0.1)
-        results = [pending[i].get() for i in range(len(jobs))]
-        bar.update(task, completed=sum(sizes), docs=sum(done_docs))
+        with _progress(sum(sizes), progress) as bar:
+            task = bar.add_task("tokenize", total=sum(sizes), docs=0)
+            order = sorted(range(len(jobs)), key=lambda i: -sizes[i])  # largest first: better balance
+            pending = {i: pool.apply_async(_work, (i, jobs[i])) for i in order}
+            while not all(r.ready() for r in pending.values()):
+                bar.update(task, completed=sum(done_bytes), docs=sum(done_docs))
+                failed = [r for r in pending.values() if r.ready() and not r.successful()]
+                if failed:
+                    failed[0].get()  # raises the worker's error
+                time.sleep(0.1)
+            results = [pending[i].get() for i in range(len(jobs))]
+            bar.update(task, completed=sum(sizes), docs=sum(done_docs))
         pool.close()
         return results
     except BaseException:
