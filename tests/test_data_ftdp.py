@@ -75,7 +75,7 @@ def test_parser_matches_json_loads(tmp_path, monkeypatch, chunk):
     folder = load_intern_repo_tokenized_dataset(tmp_path / "data")
     (f,) = folder.files
     assert [f.document(r).tolist() for r in range(len(docs))] == _reference(tmp_path / "data" / "a.bin") == docs
-    assert f.tokens.dtype == np.int32 and isinstance(f.tokens, np.memmap)
+    assert f.tokens.dtype == np.int32 and isinstance(f.tokens.base, np.memmap)
     assert folder.max_token_id == max(abs(t) for d in docs for t in d)
 
 

@@ -456,7 +456,8 @@ def _load_file(path: str, rel: str, type_id: int, min_length: int) -> FtdpFile:
     with np.load(stem + ".index.npz") as z:
         row_start, lengths, max_id = z["row_start"], z["lengths"], int(z["max_token_id"])
     n = int(lengths.sum())
-    tokens = np.memmap(stem + ".tokens", dtype=np.int32, mode="r") if n else np.zeros(0, np.int32)
+    # a plain ndarray view of the map: slicing it costs no np.memmap bookkeeping
+    tokens = np.memmap(stem + ".tokens", dtype=np.int32, mode="r").view(np.ndarray) if n else np.zeros(0, np.int32)
     kept = np.flatnonzero(lengths >= min_length) if min_length > 0 else np.arange(len(lengths))
     return FtdpFile(path, rel, type_id, tokens, row_start, lengths, kept, max_id)
 
