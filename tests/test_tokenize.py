@@ -204,6 +204,12 @@ def test_named_templates_render_the_published_text_and_mask_replies(name, hf_cod
     if name == "llama3":
         replies = [r.strip() for r in replies]
     assert [decode(run) for run in runs(enc.tokens)] == [r + END[name] for r in replies]
+    # on an ordinary conversation the pieces give what the whole rendered text encodes to
+    ordinary = [{"role": "user", "content": "hello there"}, {"role": "assistant", "content": "hi, sure."}]
+    text = jinja2.Environment().from_string(jinja).render(messages=ordinary, bos_token=bos)
+    whole = hf_codec.tok(text, add_special_tokens=False)["input_ids"]
+    assert [abs(t) for t in tk.RecordEncoder(hf_codec, tk.Options(template=name)).encode(
+        {"messages": ordinary}).tokens] == whole
 
 
 def test_tokenizer_chat_template_masks_replies_and_matches_apply_chat_template(hf_codec):
