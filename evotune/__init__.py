@@ -30,6 +30,9 @@ _EXPORTS: dict[str, str] = {
     "load_tokenizer": "evotune.model.load",
     "save_hf": "evotune.checkpoint.hf",
     "SupervisedFinetune": "evotune.model.finetune",
+    # migration
+    "read_internevo_config": "evotune.migrate",
+    "migrate_internevo_config": "evotune.migrate",
     # optimisation
     "AdamW": "torch.optim",
     "LinearLR": "evotune.train.schedule",

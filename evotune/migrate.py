@@ -490,7 +490,7 @@ class Row:
 
 @dataclass
 class Migration:
-    """The result of :func:`migrate`: the config text, the table and the batch arithmetic."""
+    """The result of :func:`migrate_internevo_config`: the config text, the table and the batch arithmetic."""
 
     source: str
     text: str
@@ -1120,7 +1120,8 @@ def render(source: str, tr: _Translator, plan: BatchPlan, preset: str | None, as
     if tr.schedule_steps is not None:
         private.append(_assign("_schedule_steps", tr.schedule_steps, tr.src("lr_scheduler.total_steps")))
         schedule_total = "_schedule_steps"
-    private.append(f"_warmup_steps = int({schedule_total} * warm_up_ratio)  # InternEvo: int(total_steps * warmup_ratio)")
+    private.append(f"_warmup_steps = int({schedule_total} * warm_up_ratio)  "
+                   f"# InternEvo: int(total_steps * warmup_ratio)")
     work_dir = tr.work_dir
     parts = [
         _part("PART 1  Settings"),
@@ -1226,8 +1227,9 @@ def render(source: str, tr: _Translator, plan: BatchPlan, preset: str | None, as
 # --------------------------------------------------------------------------------------------
 
 
-def migrate(path: str | os.PathLike, world_size: int | None = None, target_world_size: int | None = None,
-            sequence_parallel_size: int | None = None) -> Migration:
+def migrate_internevo_config(path: str | os.PathLike, world_size: int | None = None,
+                             target_world_size: int | None = None,
+                             sequence_parallel_size: int | None = None) -> Migration:
     """Translate the InternEvo config at ``path``.
 
     ``world_size``: GPUs of the InternEvo job (sets InternEvo's dp and so the tokens
@@ -1335,7 +1337,7 @@ def main(args: argparse.Namespace) -> int:
             raise EvotuneError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
     if os.path.exists(args.output) and not args.force:
         raise EvotuneError(f"'{args.output}' already exists; pass --force to overwrite it")
-    result = migrate(args.config, args.world_size, args.target_world_size, args.sequence_parallel_size)
+    result = migrate_internevo_config(args.config, args.world_size, args.target_world_size, args.sequence_parallel_size)
     out_dir = os.path.dirname(os.path.abspath(args.output))
     os.makedirs(out_dir, exist_ok=True)
     with open(args.output, "w", encoding="utf-8") as f:

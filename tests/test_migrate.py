@@ -13,7 +13,7 @@ import pytest
 from evotune.cli import main as cli_main
 from evotune.config import build, load_config
 from evotune.errors import EvotuneError
-from evotune.migrate import (CHANGED, MAPPED, NOT_NEEDED, UNSUPPORTED, internevo_parallel, migrate,
+from evotune.migrate import (CHANGED, MAPPED, NOT_NEEDED, UNSUPPORTED, internevo_parallel, migrate_internevo_config,
                              read_internevo_config)
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
@@ -210,7 +210,7 @@ EXPECTED_TOKENS = {
 @pytest.mark.parametrize("name", sorted(FIXTURES))
 def test_migrated_config_loads_and_keeps_tokens_per_step(tmp_path, name):
     src, spec = write_fixture(tmp_path, name)
-    result = migrate(src, world_size=spec["world"])
+    result = migrate_internevo_config(src, world_size=spec["world"])
     cfg = load_config(write_output(tmp_path, result.text))
 
     parallel = read_internevo_config(src).values["parallel"]
@@ -237,7 +237,7 @@ def test_migrated_config_loads_and_keeps_tokens_per_step(tmp_path, name):
 
 def test_tp2_pp2_zero8_rows(tmp_path):
     src, spec = write_fixture(tmp_path, "tp2_pp2_zero8")
-    result = migrate(src, world_size=64)
+    result = migrate_internevo_config(src, world_size=64)
     rows = {r.key: r for r in result.rows}
     assert result.plan.internevo.data_parallel_size == 16
     assert (result.plan.sequence_parallel_size, result.plan.data_parallel_size) == (1, 64)
@@ -250,7 +250,7 @@ def test_tp2_pp2_zero8_rows(tmp_path):
 
 def test_isp_maps_to_sequence_parallel_and_zero3(tmp_path):
     src, _ = write_fixture(tmp_path, "isp_sp4_wp4")
-    result = migrate(src, world_size=32)
+    result = migrate_internevo_config(src, world_size=32)
     cfg = load_config(write_output(tmp_path, result.text))
     assert cfg["sequence_parallel_size"] == 4
     assert cfg["accumulative_counts"] == 2  # dp 8 on both sides
@@ -265,7 +265,7 @@ def test_isp_maps_to_sequence_parallel_and_zero3(tmp_path):
 
 def test_pack_into_one_with_validation(tmp_path):
     src, _ = write_fixture(tmp_path, "pack_into_one_valid")
-    result = migrate(src, world_size=8)
+    result = migrate_internevo_config(src, world_size=8)
     cfg = load_config(write_output(tmp_path, result.text))
     assert cfg["pack_sample_into_one"] is True
     assert cfg["valid_folder"] == "/data/valid"
@@ -276,7 +276,7 @@ def test_pack_into_one_with_validation(tmp_path):
 
 def test_every_translated_line_names_its_internevo_key(tmp_path):
     src, _ = write_fixture(tmp_path, "tp1_pp1_zero_all")
-    text = migrate(src, world_size=16).text
+    text = migrate_internevo_config(src, world_size=16).text
     settings = text.split("PART 1  Settings")[1].split("PART 2")[0]
     assignments = [ln for ln in settings.splitlines() if re.match(r"^_?[a-zA-Z_]+ = ", ln)]
     assert len(assignments) > 20
@@ -316,7 +316,7 @@ def test_schedule_matches_internevo_step_for_step(tmp_path, ratio):
     from evotune.train.schedule import build_scheduler
 
     src, _ = write_fixture(tmp_path, "tp1_pp1_zero_all", total_steps=100, warmup_ratio=ratio)
-    cfg = load_config(write_output(tmp_path, migrate(src, world_size=16).text))
+    cfg = load_config(write_output(tmp_path, migrate_internevo_config(src, world_size=16).text))
     param = torch.nn.Parameter(torch.zeros(1))
     opt = build(cfg["optim_wrapper"]["optimizer"], params=[param])
     sched = build_scheduler(opt, [build(p) for p in cfg["param_scheduler"]], steps_per_epoch=7,
@@ -335,7 +335,7 @@ def test_schedule_with_its_own_total_steps(tmp_path):
 
     src, _ = write_fixture(tmp_path, "tp1_pp1_zero_all", total_steps=100, warmup_ratio=0.1,
                            extra='lr_scheduler["total_steps"] = 80')
-    cfg = load_config(write_output(tmp_path, migrate(src, world_size=16).text))
+    cfg = load_config(write_output(tmp_path, migrate_internevo_config(src, world_size=16).text))
     assert cfg["max_steps"] == 100
     opt = build(cfg["optim_wrapper"]["optimizer"], params=[torch.nn.Parameter(torch.zeros(1))])
     sched = build_scheduler(opt, [build(p) for p in cfg["param_scheduler"]], steps_per_epoch=7, total_steps=100)
@@ -354,7 +354,7 @@ def test_checkpoint_and_precision_translation(tmp_path):
         ckpt["save_ckpt_folder"] = "boto3:s3://bucket/ckpt"
     ''')
     src, _ = write_fixture(tmp_path, "tp1_pp1_zero_all", extra=extra)
-    result = migrate(src, world_size=16)
+    result = migrate_internevo_config(src, world_size=16)
     rows = {r.key: r for r in result.rows}
     cfg = load_config(write_output(tmp_path, result.text))
     assert cfg["torch_dtype"] == "bfloat16" and rows["model.dtype"].status == CHANGED
@@ -372,7 +372,7 @@ def test_unsupported_keys_are_reported_and_exit_non_zero(tmp_path, capsys):
         moe_loss_coeff = 0.1
     ''')
     src, _ = write_fixture(tmp_path, "tp1_pp1_zero_all", extra=extra)
-    result = migrate(src, world_size=16)
+    result = migrate_internevo_config(src, world_size=16)
     unsupported = {r.key: r for r in result.unsupported}
     assert set(unsupported) == {"data.rampup_batch_size", "moe_loss_coeff"}
     out = tmp_path / "out.py"
@@ -389,12 +389,12 @@ def test_no_integer_fit_proposes_nearest_world_sizes(tmp_path):
     src, _ = write_fixture(tmp_path, "tp1_pp1_zero_all")
     # InternEvo on 24 GPUs: 24 dp x 4 micro_num = 96 packs per step; 64 ranks cannot share 96 packs
     with pytest.raises(EvotuneError) as info:
-        migrate(src, world_size=24, target_world_size=64)
+        migrate_internevo_config(src, world_size=24, target_world_size=64)
     message = str(info.value)
     assert "no integer accumulation fits" in message and "96 packs" in message
     assert "48 (dp 48, accumulative_counts 2)" in message and "96 (dp 96, accumulative_counts 1)" in message
     # a proposal that is taken works
-    result = migrate(src, world_size=24, target_world_size=48)
+    result = migrate_internevo_config(src, world_size=24, target_world_size=48)
     assert result.plan.tokens_per_step == result.plan.internevo_tokens_per_step == 24 * 4 * 2 * 2048
 
 
@@ -403,11 +403,11 @@ def test_sequence_parallel_raised_when_tensor_ranks_must_stay_together(tmp_path)
     # 16 ranks (SP 2) can
     src, _ = write_fixture(tmp_path, "tp2_pp2_zero8", micro_num=2,
                            parallel='dict(zero1=dict(size=-1), tensor=dict(size=2, mode="mtp"), pipeline=dict(size=2))')
-    result = migrate(src, world_size=32)
+    result = migrate_internevo_config(src, world_size=32)
     assert (result.plan.sequence_parallel_size, result.plan.accumulative_counts) == (2, 1)
     assert {r.key: r for r in result.rows}["parallel.tensor"].status == CHANGED
     with pytest.raises(EvotuneError, match="no integer accumulation fits.*--sequence-parallel-size 2"):
-        migrate(src, world_size=32, sequence_parallel_size=1)
+        migrate_internevo_config(src, world_size=32, sequence_parallel_size=1)
 
 
 def test_sequence_parallel_size_splits_the_attention_heads(tmp_path):
@@ -417,22 +417,22 @@ def test_sequence_parallel_size_splits_the_attention_heads(tmp_path):
                            parallel='dict(zero1=dict(size=-1), tensor=dict(size=32, mode="isp"), '
                                     'pipeline=dict(size=1), weight=dict(size=4))')
     src.write_text(src.read_text().replace("NUM_ATTENTION_HEAD = 32", "NUM_ATTENTION_HEAD = 48"))
-    result = migrate(src, world_size=64)
+    result = migrate_internevo_config(src, world_size=64)
     cfg = load_config(write_output(tmp_path, result.text))
     assert (cfg["sequence_parallel_size"], cfg["accumulative_counts"]) == (16, 2)
     assert evotune_tokens_per_step(cfg, 64) == 2 * 4 * 65536
     assert "48 attention heads" in {r.key: r for r in result.rows}["parallel.tensor"].note
     with pytest.raises(EvotuneError, match="48 attention heads cannot be split over 32 ranks"):
-        migrate(src, world_size=64, sequence_parallel_size=32)
+        migrate_internevo_config(src, world_size=64, sequence_parallel_size=32)
 
 
 def test_world_size_internevo_would_reject(tmp_path):
     src, _ = write_fixture(tmp_path, "tp2_pp2_zero8")
     with pytest.raises(EvotuneError, match="would not run on 12 GPUs.*zero1 size 8 does not divide"):
-        migrate(src, world_size=12)  # dp 3
+        migrate_internevo_config(src, world_size=12)  # dp 3
     with pytest.raises(EvotuneError, match="would not run on 10 GPUs.*not a multiple of tensor 2 x pipeline 2"):
-        migrate(src, world_size=10)
-    result = migrate(src)  # no world size: the smallest InternEvo accepts, said out loud
+        migrate_internevo_config(src, world_size=10)
+    result = migrate_internevo_config(src)  # no world size: the smallest InternEvo accepts, said out loud
     assert result.plan.internevo.world_size == 32 and "32 GPUs" in result.assumptions[0]
     assert "Assumed:" in result.text
 
@@ -489,11 +489,11 @@ def test_model_dimensions_are_checked_against_the_checkpoint(tmp_path):
         path.write_text(text)
         return path
 
-    rows = {r.key: r for r in migrate(fixture(), world_size=8).rows}
+    rows = {r.key: r for r in migrate_internevo_config(fixture(), world_size=8).rows}
     assert "checked: equal" in rows["model.hidden_size"].note
     assert "checked: equal" in rows["model.num_layers"].note
     with pytest.raises(EvotuneError, match=r"dims\.py:\d+: model\.hidden_size = 128 but the checkpoint .* has 64"):
-        migrate(fixture(HIDDEN_SIZE="128"), world_size=8)
+        migrate_internevo_config(fixture(HIDDEN_SIZE="128"), world_size=8)
 
 
 def test_cli_writes_once_and_prints_the_table(tmp_path, capsys):
@@ -542,7 +542,7 @@ def _migrate_golden_case(tmp_path: Path, case_id: str, **kwargs) -> tuple[dict, 
                            micro_num=p["micro_num"], min_length=p["min_length"], one=p["pack_sample_into_one"],
                            train=str(CONFORMANCE / p["train_folder"]), total_steps=40,
                            extra=f'data["seed"] = {p["seed"]}')
-    result = migrate(src, world_size=p["dp_world"])
+    result = migrate_internevo_config(src, world_size=p["dp_world"])
     return golden, write_output(tmp_path, result.text)
 
 
@@ -573,7 +573,7 @@ def test_fewer_gpus_train_the_same_packs_per_step(tmp_path, monkeypatch):
     golden, _ = _migrate_golden_case(tmp_path, "small-s16-b2-n3-dp2-m0-cut-seed1024")
     p = golden["params"]
     src = tmp_path / "golden.py"
-    config = write_output(tmp_path, migrate(src, world_size=2, target_world_size=1).text, "one_gpu.py")
+    config = write_output(tmp_path, migrate_internevo_config(src, world_size=2, target_world_size=1).text, "one_gpu.py")
     assert load_config(config)["accumulative_counts"] == 6
     steps = len(golden["ranks"][0]["steps"])
     assert steps > golden["steps_per_epoch"]  # the comparison crosses an epoch boundary
