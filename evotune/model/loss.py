@@ -91,6 +91,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
                 grad_weight += torch.matmul(g.t(), h)
             if need_b:
                 grad_bias += g.sum(0)
+            del g  # free this chunk's [chunk, V] gradient before the next chunk's logits exist
         ctx.save_for_backward(
             grad_hidden,
             grad_weight.to(weight.dtype) if need_w else None,
