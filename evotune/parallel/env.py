@@ -1,19 +1,40 @@
-"""Who this process is: rank, world size, device; set up torch.distributed once.
+"""Who this process is: rank, world size, device; the process group's life.
 
-Works the same for a plain ``python``/``evotune train`` process (world size 1,
-no process group) and for a process started by torchrun (``RANK``,
-``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``/``MASTER_PORT`` in the
-environment): nccl on CUDA, gloo on CPU.
+Works the same for a plain ``evotune train`` process (one process) and for a
+process started by torchrun, srun (``--launcher slurm``, see
+:mod:`evotune.parallel.launch`) or another launcher: nccl on CUDA, gloo on CPU.
+
+A process group is started when there are several processes, and also for a
+single CUDA process: FSDP2 then gives bf16 compute over fp32 master weights
+with the same code as on many GPUs. One CPU process runs without any.
+
+No hang when a rank fails. torchrun stops the other workers itself; for the
+other launchers (and as a second line under torchrun) :func:`process_group`
+records a failing rank's error in the process group's key-value store, and a
+small watcher thread in every rank polls that key once a second and ends its
+own process with exit code 1. A rank that dies without raising (killed, out of
+memory) is noticed by gloo at once (closed connection) and by nccl after the
+process-group timeout: ``EVOTUNE_DIST_TIMEOUT`` seconds, default 1800 (it also
+bounds how long ranks wait for rank 0 to index a large dataset). Under slurm,
+``srun --kill-on-bad-exit=1`` stops the job at once in that case too.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
+import sys
+import threading
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+from evotune.parallel.launch import apply_launcher
+
+FAILED_KEY = "evotune/failed"
+POLL_SECONDS = 1.0
 
 
 @dataclass(frozen=True)
@@ -29,11 +50,21 @@ class DistEnv:
 
     @property
     def distributed(self) -> bool:
+        """Several processes (collectives are needed to agree on anything)."""
         return self.world_size > 1
 
 
-def setup(device: str | None = None) -> DistEnv:
-    """Initialise the process group when launched with several processes."""
+def timeout() -> datetime.timedelta:
+    return datetime.timedelta(seconds=float(os.environ.get("EVOTUNE_DIST_TIMEOUT", "1800")))
+
+
+def setup(device: str | None = None, *, launcher: str = "none", cpu_offload: bool = False) -> DistEnv:
+    """Read the launcher's variables and start the process group when one is needed.
+
+    ``cpu_offload`` on CUDA adds a gloo backend for CPU tensors (the gradient
+    norm of offloaded gradients is reduced on the CPU).
+    """
+    apply_launcher(launcher)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -43,13 +74,76 @@ def setup(device: str | None = None) -> DistEnv:
     if dev.type == "cuda":
         torch.cuda.set_device(local_rank)
         dev = torch.device("cuda", local_rank)
-    if world > 1 and not dist.is_initialized():
-        backend = "nccl" if dev.type == "cuda" else "gloo"
-        timeout = datetime.timedelta(seconds=int(os.environ.get("EVOTUNE_DIST_TIMEOUT", "600")))
-        dist.init_process_group(backend=backend, timeout=timeout, device_id=dev if dev.type == "cuda" else None)
+    if (world > 1 or dev.type == "cuda") and not dist.is_initialized():
+        backend = "gloo"
+        if dev.type == "cuda":
+            backend = "cuda:nccl,cpu:gloo" if cpu_offload else "nccl"
+        kwargs = {}
+        if world == 1 and "MASTER_ADDR" not in os.environ:  # one CUDA process: a private in-memory store
+            kwargs = {"store": dist.HashStore(), "rank": 0, "world_size": 1}
+        dist.init_process_group(backend=backend, timeout=timeout(),
+                                device_id=dev if dev.type == "cuda" else None, **kwargs)
     return DistEnv(rank=rank, world_size=world, local_rank=local_rank, device=dev)
 
 
 def teardown() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+class _FailureWatch:
+    """Ends this process when another rank has recorded a failure in the store."""
+
+    def __init__(self, store: dist.Store, rank: int):
+        self.store = store
+        self.rank = rank
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="evotune-failure-watch", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(POLL_SECONDS):
+            try:
+                failed = self.store.check([FAILED_KEY])
+                message = self.store.get(FAILED_KEY).decode(errors="replace") if failed else None
+            except Exception as e:  # the store is gone: its host (rank 0 or torchrun) died
+                if self._stop.is_set():
+                    return
+                message = f"the rendezvous store stopped answering ({type(e).__name__})"
+            if message is not None:
+                print(f"evotune: stopping rank {self.rank}: {message}", file=sys.stderr, flush=True)
+                os._exit(1)
+
+    def report(self, error: BaseException) -> None:
+        with contextlib.suppress(Exception):
+            self.store.set(FAILED_KEY, f"rank {self.rank} failed: {type(error).__name__}: {error}")
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+@contextlib.contextmanager
+def process_group(device: str | None = None, *, launcher: str = "none", cpu_offload: bool = False):
+    """``setup`` + failure propagation + ``teardown``; yields the :class:`DistEnv`.
+
+    On an exception in this rank the error is recorded for the other ranks
+    (which then stop) and re-raised, and the process is left to exit; on
+    success all ranks meet at a barrier before the group is destroyed, so no
+    rank tears down the store early.
+    """
+    env = setup(device, launcher=launcher, cpu_offload=cpu_offload)
+    watch = _FailureWatch(dist.distributed_c10d._get_default_store(), env.rank) if env.distributed else None
+    try:
+        yield env
+    except BaseException as e:
+        if watch is None:
+            teardown()
+        else:  # no teardown: peers may sit in a collective that would block it
+            watch.report(e)
+            watch.stop()
+        raise
+    if watch is not None:
+        watch.stop()
+        dist.barrier()
+    teardown()

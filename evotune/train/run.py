@@ -1,7 +1,12 @@
-"""``evotune train CONFIG``: load the config, set up the processes, train.
+"""``evotune train CONFIG``: launch the processes, load the config, train.
 
-Single process by default. Multi-process launch (torchrun re-launch from
-``NPROC_PER_NODE``, slurm) is handled in :mod:`evotune.parallel.launch`.
+One process by default. ``NPROC_PER_NODE=N`` (with ``NNODES``, ``NODE_RANK``,
+``ADDR``, ``PORT`` for several nodes) re-launches this command under torchrun;
+``--launcher slurm`` reads the slurm environment of an ``srun`` task;
+``--launcher pytorch`` trusts an external launcher's variables
+(:mod:`evotune.parallel.launch`). ``--deepspeed`` picks the ZeRO preset that
+FSDP2 realises (:mod:`evotune.parallel.zero`, :mod:`evotune.parallel.fsdp`);
+``--resume auto|PATH`` continues from a checkpoint (:mod:`evotune.checkpoint.dcp`).
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ import os
 
 from evotune.config import load_config
 from evotune.errors import EvotuneError
+from evotune.parallel.launch import LAUNCHERS
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -19,8 +25,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cfg-options", nargs="+", default=[], metavar="KEY=VALUE",
                         help="override settings, e.g. max_length=4096 train_dataloader.num_workers=2")
     parser.add_argument("--seed", type=int, help="random seed (default: the config's randomness.seed or 0)")
-    parser.add_argument("--deepspeed", help="ZeRO preset (deepspeed_zero1/2/3[_offload]) or a DeepSpeed JSON")
+    parser.add_argument("--deepspeed", help="ZeRO preset (deepspeed_zero1/2/3[_offload]) or a DeepSpeed JSON, "
+                                            "realised with FSDP2 (default with several processes: plain data "
+                                            "parallel)")
     parser.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    parser.add_argument("--launcher", choices=LAUNCHERS, default="none",
+                        help="how the processes were started: none (one process, or NPROC_PER_NODE=N to "
+                             "re-launch under torchrun), pytorch (torchrun or another launcher set RANK, "
+                             "WORLD_SIZE, ...), slurm (srun)")
+    parser.add_argument("--resume", metavar="auto|PATH",
+                        help="continue from the latest checkpoint of the work dir (auto) or from PATH")
 
 
 def resolve_config_path(name: str) -> str:
@@ -34,21 +48,40 @@ def resolve_config_path(name: str) -> str:
     return found
 
 
+def train_argv(args: argparse.Namespace) -> list[str]:
+    """The arguments of this ``evotune train`` call, for the processes torchrun starts."""
+    argv = [args.config]
+    for flag, value in (("--work-dir", args.work_dir), ("--seed", args.seed), ("--deepspeed", args.deepspeed),
+                        ("--device", args.device), ("--resume", args.resume)):
+        if value is not None:
+            argv += [flag, str(value)]
+    if args.cfg_options:
+        argv += ["--cfg-options", *args.cfg_options]
+    return argv
+
+
 def main(args: argparse.Namespace) -> int:
-    from evotune.parallel.env import setup, teardown
+    from evotune.parallel.launch import relaunch, torchrun_command
+    from evotune.parallel.zero import read_deepspeed
+
+    if args.launcher == "none":
+        command = torchrun_command(train_argv(args), os.environ)
+        if command is not None:
+            return relaunch(command)
+
+    from evotune.parallel.env import process_group
     from evotune.train.loop import train
 
-    path = resolve_config_path(args.config)
-    cfg = load_config(path, args.cfg_options)
-    name = os.path.splitext(os.path.basename(path))[0]
-    work_dir = args.work_dir or cfg.get("work_dir") or os.path.join("work_dirs", name)
-    env = setup(args.device)
-    try:
-        summary = train(cfg, work_dir, env, seed=args.seed)
-    finally:
-        teardown()
+    zero = read_deepspeed(args.deepspeed) if args.deepspeed else None
+    with process_group(args.device, launcher=args.launcher, cpu_offload=bool(zero and zero.offload)) as env:
+        path = resolve_config_path(args.config)
+        cfg = load_config(path, args.cfg_options)
+        name = os.path.splitext(os.path.basename(path))[0]
+        work_dir = args.work_dir or cfg.get("work_dir") or os.path.join("work_dirs", name)
+        summary = train(cfg, work_dir, env, seed=args.seed, zero=zero, resume=args.resume)
     if env.is_main:
         print(f"evotune: done: {summary['steps']} steps, final loss {summary['final_loss']:.4f}")
+        print(f"evotune: checkpoint in {summary['checkpoint']}")
         print(f"evotune: Hugging Face model in {summary['hf_dir']}")
         print(f"evotune: metrics in {summary['metrics']}")
     return 0

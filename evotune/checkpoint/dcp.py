@@ -1,0 +1,238 @@
+"""Training checkpoints with torch.distributed.checkpoint (DCP): save, find, resume.
+
+Layout of ``<work_dir>/checkpoints/step_<N>/`` (N = optimizer steps done)::
+
+    .metadata, __<rank>_0.distcp   DCP: {"model": ..., "optimizer": ...}
+    trainer_state.json             step, consumed_tokens, sampler, scheduler, world layout,
+                                   model_source (``model.evotune_source``: format, path, original config)
+    hf_config.json                 the transformers config of the trained model
+    rng/rank_<r>.pt                python, numpy, torch CPU (and CUDA) RNG states of rank r
+
+``model`` holds the parameters of ``SupervisedFinetune`` under their full names
+(``llm.`` + the transformers name: ``llm.model.layers.0.self_attn.q_proj.weight``,
+``llm.lm_head.weight``), fp32, each stored once however it was sharded;
+``optimizer`` is ``get_optimizer_state_dict``'s layout (``state.<param name>.exp_avg``
+..., ``param_groups``). Reading needs no process group and any number of
+ranks: :func:`read_model_state` returns the transformers state dict of a
+checkpoint (``evotune convert pth_to_hf`` exports one), DCP reshards on
+load for another world size.
+
+Atomic: every rank writes into ``.tmp_step_<N>/``; once all files are written
+and synced, rank 0 renames the folder to ``step_<N>``. A crash mid-save leaves
+only the temporary folder (removed by the next save); every ``step_<N>`` is
+complete. After the rename the oldest checkpoints beyond ``keep`` are deleted.
+Several nodes need the work dir on a shared filesystem.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+from evotune.errors import EvotuneError
+
+CHECKPOINTS = "checkpoints"
+TRAINER_STATE = "trainer_state.json"
+HF_CONFIG = "hf_config.json"
+_STEP_DIR = re.compile(r"step_(\d+)")
+
+
+def checkpoints_dir(work_dir: str) -> str:
+    return os.path.join(work_dir, CHECKPOINTS)
+
+
+def is_checkpoint(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, ".metadata")) and os.path.isfile(os.path.join(path, TRAINER_STATE))
+
+
+def list_checkpoints(root: str) -> list[tuple[int, str]]:
+    """``(step, path)`` of the complete checkpoints under ``root``, oldest first."""
+    if not os.path.isdir(root):
+        return []
+    found = []
+    for name in os.listdir(root):
+        m = _STEP_DIR.fullmatch(name)
+        if m and is_checkpoint(os.path.join(root, name)):
+            found.append((int(m.group(1)), os.path.join(root, name)))
+    return sorted(found)
+
+
+def resolve_resume(resume: str, work_dir: str) -> str | None:
+    """The checkpoint ``--resume`` names: ``auto`` (the latest in the work dir, None if there is
+    none), a checkpoint folder, or a folder of checkpoints (its latest)."""
+    if resume == "auto":
+        found = list_checkpoints(checkpoints_dir(work_dir))
+        return found[-1][1] if found else None
+    if is_checkpoint(resume):
+        return resume
+    found = list_checkpoints(resume)
+    if found:
+        return found[-1][1]
+    raise EvotuneError(f"--resume {resume}: not a checkpoint (a step_<N> folder with .metadata and "
+                       f"{TRAINER_STATE}) nor a folder holding one; use --resume auto or a path under "
+                       f"<work_dir>/{CHECKPOINTS}")
+
+
+# --------------------------------------------------------------------------- RNG
+
+
+def rng_state() -> dict:
+    """This process's random generators, as plain lists and tensors (loadable with weights_only)."""
+    version, mt, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {
+        "python": [version, list(mt), gauss],
+        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    version, mt, gauss = state["python"]
+    random.setstate((version, tuple(mt), gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+# --------------------------------------------------------------------------- save
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _barrier() -> None:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+def _write_json(path: str, data: dict) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=2, sort_keys=True, default=str)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _prune(root: str, keep: int) -> None:
+    """Delete leftovers of crashed saves and all but the newest ``keep`` checkpoints (keep < 1: all)."""
+    for name in os.listdir(root):
+        if name.startswith((".tmp_step_", ".old_step_")):
+            shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+    if keep >= 1:
+        for _, path in list_checkpoints(root)[:-keep]:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def save_checkpoint(root: str, step: int, *, model, optimizer, scheduler, train_state: dict,
+                    keep: int = -1, hf_config=None) -> str:
+    """Write ``<root>/step_<step>`` atomically on every rank; returns its path.
+
+    ``train_state``: JSON data (step, consumed tokens, sampler state, model source,
+    ...) written by rank 0 with the scheduler's state. ``hf_config``: the model's
+    transformers config.
+    """
+    rank = _rank()
+    final = os.path.join(root, f"step_{step}")
+    tmp = os.path.join(root, f".tmp_step_{step}")
+    if rank == 0:
+        os.makedirs(root, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(os.path.join(tmp, "rng"))
+    _barrier()
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    dcp.save({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=tmp, no_dist=not dist.is_initialized())
+    torch.save(rng_state(), os.path.join(tmp, "rng", f"rank_{rank}.pt"))
+    _barrier()
+    if rank == 0:
+        _write_json(os.path.join(tmp, TRAINER_STATE), {**train_state, "scheduler": scheduler.state_dict()})
+        if hf_config is not None:
+            hf_config.to_json_file(os.path.join(tmp, HF_CONFIG))
+        _fsync_dir(tmp)
+        if os.path.exists(final):  # the same step written again (a rerun in the same work dir)
+            old = os.path.join(root, f".old_step_{step}")
+            os.replace(final, old)
+        os.replace(tmp, final)
+        _fsync_dir(root)
+        _prune(root, keep)
+    _barrier()
+    return final
+
+
+# --------------------------------------------------------------------------- load
+
+
+def read_trainer_state(path: str) -> dict:
+    try:
+        with open(os.path.join(path, TRAINER_STATE), encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise EvotuneError(f"{path}/{TRAINER_STATE}: cannot be read ({e}); resume from another checkpoint") from None
+
+
+def load_checkpoint(path: str, *, model, optimizer, scheduler) -> dict:
+    """Load model, optimizer and scheduler in place (resharding as needed).
+
+    Returns the trainer state, with ``rng``: this rank's saved RNG state (rank 0's
+    when the checkpoint had fewer ranks); the caller restores it last, with
+    :func:`set_rng_state`, once nothing else will draw random numbers before
+    training.
+    """
+    state = read_trainer_state(path)
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    loaded = {"model": model_sd, "optimizer": optim_sd}
+    try:
+        dcp.load(loaded, checkpoint_id=path, no_dist=not dist.is_initialized())
+    except Exception as e:  # DCP reports missing keys and shape mismatches from deep inside
+        raise EvotuneError(f"{path}: does not fit this model and optimizer ({type(e).__name__}: {e}); "
+                           "resume with the config the checkpoint was trained with") from e
+    set_state_dict(model, optimizer, model_state_dict=loaded["model"], optim_state_dict=loaded["optimizer"])
+    scheduler.load_state_dict(state.pop("scheduler"))
+    rng_file = os.path.join(path, "rng", f"rank_{_rank()}.pt")
+    if not os.path.exists(rng_file):
+        rng_file = os.path.join(path, "rng", "rank_0.pt")
+    state["rng"] = torch.load(rng_file, weights_only=True)
+    return state
+
+
+def read_model_state(path: str) -> dict[str, torch.Tensor]:
+    """The full weights of a checkpoint as a transformers state dict (``llm.`` stripped).
+
+    Runs in a plain process, no process group, whatever world size saved it.
+    """
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    if not is_checkpoint(path):
+        raise EvotuneError(f"{path}: not an evotune checkpoint (no .metadata or {TRAINER_STATE})")
+    metadata = FileSystemReader(path).read_metadata()
+    model = {}
+    for key, md in metadata.state_dict_metadata.items():
+        if key.startswith("model.") and isinstance(md, TensorStorageMetadata):
+            model[key.removeprefix("model.")] = torch.empty(md.size, dtype=md.properties.dtype)
+    dcp.load({"model": model}, checkpoint_id=path, no_dist=True)
+    return {k.removeprefix("llm."): v for k, v in model.items()}
+

@@ -1,0 +1,146 @@
+"""Data parallelism with FSDP2 (``fully_shard``): the ZeRO presets and plain data parallel.
+
+``parallelize`` shards every decoder layer and then the root module
+(``SupervisedFinetune``), so the embedding, final norm and head, used directly
+in the root's forward, are gathered by the root's own hooks. Master weights are
+always fp32 (the model is upcast layer by layer, just before each layer is
+sharded, so a bf16 checkpoint never exists in fp32 as a whole); on CUDA the
+forward/backward compute runs in bf16 (``MixedPrecisionPolicy(param_dtype=bf16,
+reduce_dtype=fp32)``) unless the config or DeepSpeed JSON asks for fp32; on the
+CPU everything is fp32. The root does not cast its floating inputs, so the
+loss weights stay fp32.
+
+How each setting maps (DESIGN.md §7; the cost table is in docs/distributed.md):
+
+=============  ========================  ==================================================
+strategy       parameters                gradients
+=============  ========================  ==================================================
+replicate      full copy on every rank   full; all-reduced once per step (like DDP)
+zero1          sharded; gathered once    full while accumulating; reduce-scattered once per
+               per step                  step
+zero2          sharded; gathered once    reduce-scattered after every micro-batch
+               per step
+zero3          gathered for each layer's reduce-scattered after every micro-batch
+               forward and backward,
+               resharded in between
+=============  ========================  ==================================================
+
+Optimizer state follows the parameters (sharded except for ``replicate``).
+``*_offload`` adds ``CPUOffloadPolicy``: sharded parameters, gradients and the
+optimizer step live on the CPU.
+
+Plain data parallel is FSDP2 on a 2-D mesh (replicate over dp, shard over a
+dimension of size 1) rather than ``DistributedDataParallel``: the same mixed
+precision, gradient clipping and DCP checkpoint code serves every strategy,
+and a checkpoint moves freely between strategies and world sizes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+from torch.distributed.tensor import DTensor
+
+from evotune.errors import EvotuneError
+from evotune.parallel.mesh import ParallelMesh
+from evotune.parallel.zero import ZeroSettings
+
+
+@dataclass(frozen=True)
+class Strategy:
+    name: str  # replicate, zero1, zero2, zero3 (+ "_offload")
+    replicate: bool  # full parameters on every rank
+    reshard_after_forward: bool  # zero3: free gathered layers between forward and backward
+    sync_every_micro_batch: bool  # reduce gradients after each micro-batch, not once per step
+    offload: bool = False
+    pin_memory: bool = True
+
+
+REPLICATE = Strategy("replicate", replicate=True, reshard_after_forward=False, sync_every_micro_batch=False)
+_STAGES = {
+    0: REPLICATE,
+    1: Strategy("zero1", replicate=False, reshard_after_forward=False, sync_every_micro_batch=False),
+    2: Strategy("zero2", replicate=False, reshard_after_forward=False, sync_every_micro_batch=True),
+    3: Strategy("zero3", replicate=False, reshard_after_forward=True, sync_every_micro_batch=True),
+}
+
+
+def strategy_for(zero: ZeroSettings | None) -> Strategy:
+    """The FSDP2 strategy of a ``--deepspeed`` setting (None: plain data parallel)."""
+    if zero is None:
+        return REPLICATE
+    base = _STAGES[zero.stage]
+    if not zero.offload:
+        return base
+    return dataclasses.replace(base, name=base.name + "_offload", offload=True, pin_memory=zero.pin_memory)
+
+
+def uses_fsdp(pmesh: ParallelMesh) -> bool:
+    """FSDP2 runs whenever there is a process group (several ranks, or one CUDA rank)."""
+    return pmesh.mesh is not None
+
+
+def decoder_layers(llm: nn.Module) -> list[nn.Module]:
+    """The repeated blocks of a transformers model (its ``_no_split_modules`` classes)."""
+    names = set(getattr(llm, "_no_split_modules", None) or ())
+    layers = [m for m in llm.modules() if type(m).__name__ in names]
+    if not layers:
+        layers = list(getattr(getattr(llm, "base_model", llm), "layers", []))
+    if not layers:
+        raise EvotuneError(f"cannot find the decoder layers of {type(llm).__name__} to shard "
+                           "(no _no_split_modules and no base_model.layers)")
+    return layers
+
+
+def _upcast_(module: nn.Module) -> None:
+    """fp32 master weights, in place (parameters keep their identity)."""
+    for p in module.parameters():
+        if p.is_floating_point() and p.dtype != torch.float32 and not isinstance(p, DTensor):
+            p.data = p.data.float()
+
+
+def parallelize(model: nn.Module, pmesh: ParallelMesh, strategy: Strategy, device: torch.device,
+                compute_dtype: torch.dtype) -> nn.Module:
+    """Shard ``model`` (a ``SupervisedFinetune``) in place; one CPU process just gets fp32 weights."""
+    if not uses_fsdp(pmesh):
+        _upcast_(model)
+        return model.to(device)
+    mesh = pmesh.fsdp_mesh(strategy.replicate)
+    mp = MixedPrecisionPolicy(param_dtype=None if compute_dtype == torch.float32 else compute_dtype,
+                              reduce_dtype=torch.float32)
+    offload = CPUOffloadPolicy(pin_memory=strategy.pin_memory and device.type == "cuda") if strategy.offload \
+        else OffloadPolicy()
+    for layer in decoder_layers(model.llm):
+        _upcast_(layer)
+        fully_shard(layer, mesh=mesh, reshard_after_forward=strategy.reshard_after_forward,
+                    mp_policy=mp, offload_policy=offload)
+    _upcast_(model)
+    # the root's parameters are needed again right at the start of backward: keep them gathered
+    fully_shard(model, mesh=mesh, reshard_after_forward=False,
+                mp_policy=dataclasses.replace(mp, cast_forward_inputs=False), offload_policy=offload)
+    return model
+
+
+def set_micro_batch(model: nn.Module, strategy: Strategy, last: bool) -> None:
+    """Before each micro-batch's forward: reduce gradients now or keep accumulating, and
+    keep gathered parameters until the step's last backward (all but zero3)."""
+    if not isinstance(model, FSDPModule):
+        return
+    model.set_requires_gradient_sync(last or strategy.sync_every_micro_batch)
+    if not strategy.reshard_after_forward:
+        model.set_reshard_after_backward(last)
+
+
+def clip_grad_norm_(parameters, max_norm: float | None) -> float:
+    """Global gradient norm over sharded (DTensor) or plain gradients; clips when ``max_norm``."""
+    params = [p for p in parameters if p.grad is not None]
+    total = torch.nn.utils.get_total_norm([p.grad for p in params])
+    if isinstance(total, DTensor):
+        total = total.full_tensor()
+    if max_norm:
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
+    return float(total)
