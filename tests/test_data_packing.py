@@ -86,6 +86,18 @@ def test_packs_match_reference(tmp_path, P, L, one, min_length):
         ds[len(ds)]
 
 
+def test_pickle_carries_paths_not_tokens(tmp_path):
+    """DataLoader workers started with spawn receive a pickled dataset: it must stay small and map the cache."""
+    import pickle
+
+    write_bin(tmp_path / "d" / "x.bin", [list(range(1, 2001))] * 50)
+    ds = build_packed_dataset(load_intern_repo_tokenized_dataset(tmp_path / "d"), 1000)
+    blob = pickle.dumps(ds)
+    assert len(blob) < 100_000  # the 100,000 tokens (400 kB) are not in it
+    again = pickle.loads(blob)
+    assert all(np.array_equal(again[i][k], ds[i][k]) for i in (0, 57, 99) for k in ds[0])
+
+
 def test_config_dict_is_built(tmp_path):
     write_bin(tmp_path / "d" / "a" / "x.bin", [[1, 2, 3, 4, 5, 6]] * 4)
     from evotune.data.ftdp import load_intern_repo_tokenized_dataset as loader

@@ -341,6 +341,15 @@ class FtdpFile:
     lengths: np.ndarray
     kept: np.ndarray
     max_token_id: int
+    tokens_path: str | None = None  # the cache file ``tokens`` maps
+
+    def __getstate__(self) -> dict:
+        """Pickle the map's path, not its contents (DataLoader workers, spawn)."""
+        return {**self.__dict__, "tokens": None}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self.tokens = _map_tokens(self.tokens_path)
 
     def document(self, row: int) -> np.ndarray:
         start = int(self.row_start[row])
@@ -455,11 +464,16 @@ def _load_file(path: str, rel: str, type_id: int, min_length: int) -> FtdpFile:
     stem = index_file(path)
     with np.load(stem + ".index.npz") as z:
         row_start, lengths, max_id = z["row_start"], z["lengths"], int(z["max_token_id"])
-    n = int(lengths.sum())
-    # a plain ndarray view of the map: slicing it costs no np.memmap bookkeeping
-    tokens = np.memmap(stem + ".tokens", dtype=np.int32, mode="r").view(np.ndarray) if n else np.zeros(0, np.int32)
+    tokens_path = stem + ".tokens" if lengths.sum() else None
     kept = np.flatnonzero(lengths >= min_length) if min_length > 0 else np.arange(len(lengths))
-    return FtdpFile(path, rel, type_id, tokens, row_start, lengths, kept, max_id)
+    return FtdpFile(path, rel, type_id, _map_tokens(tokens_path), row_start, lengths, kept, max_id, tokens_path)
+
+
+def _map_tokens(tokens_path: str | None) -> np.ndarray:
+    """The token index, memory-mapped (a plain ndarray view: slicing it skips np.memmap's bookkeeping)."""
+    if tokens_path is None:
+        return np.zeros(0, np.int32)
+    return np.memmap(tokens_path, dtype=np.int32, mode="r").view(np.ndarray)
 
 
 def load_intern_repo_tokenized_dataset(folder, min_length: int = 0, data_order_path=None,
