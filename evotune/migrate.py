@@ -744,7 +744,8 @@ class _Translator:
             self.set("pretrained_model_name_or_path", path,
                      f"{self.src(key)} (ckpt_type {ckpt_type!r}; InternEvo folders load directly)")
         self.set("use_varlen_attn", True,
-                 "InternEvo's flash-attn path: attention stays inside each cu_seqlens segment")
+                 "model.use_flash_attn with data.pack_sample_into_one: attention stays inside "
+                 "each cu_seqlens segment, as InternEvo's flash-attn path")
         dtype = str(c.get("model.dtype", "torch.float16")).removeprefix("torch.")
         if dtype in ("bfloat16", "float32"):
             self.row("model.dtype", MAPPED, "torch_dtype")
@@ -871,7 +872,8 @@ class _Translator:
         else:
             if c.has("ckpt.checkpoint_every"):
                 self.row("ckpt.checkpoint_every", CHANGED, "save_steps", "inf -> only at the end")
-            self.set("save_steps", None, "ckpt.checkpoint_every absent or inf: save only at the end")
+            self.set("save_steps", int(c.get("data.total_steps", 50000)),
+                     "ckpt.checkpoint_every absent or inf: save at the end (data.total_steps)")
         self.set("save_total_limit", -1, "evotune: keep every checkpoint, as InternEvo does")
         folder = _strip_local(c.get("ckpt.save_ckpt_folder"))
         if c.has("ckpt.save_ckpt_folder"):
