@@ -10,7 +10,6 @@ import torch
 from safetensors.torch import load_file
 
 from evotune.checkpoint.convert import parse_size, pth_to_hf
-from evotune.checkpoint.hf import SOURCE_RECORD, source_record
 from evotune.cli import main
 from evotune.errors import EvotuneError
 from evotune.model.load import load_model
@@ -67,12 +66,16 @@ def test_cli_errors_are_one_line_exit_2(tmp_path, capsys, argv, message):
     assert not Path(out).exists()
 
 
-def _save_dcp(step_dir: Path, state: dict) -> None:
+def _save_dcp(step_dir: Path, state: dict, model=None) -> None:
+    """The layout evotune.checkpoint.dcp writes: DCP {"model": llm.* weights, "optimizer": ...},
+    hf_config.json, trainer_state.json with the model source."""
     import torch.distributed.checkpoint as dcp
 
-    # what the trainer saves: the wrapped module (SupervisedFinetune keeps the LM as .llm) + other state
     dcp.save({"model": {f"llm.{k}": v for k, v in state.items()}, "optimizer": {"step": torch.tensor(3)}},
              checkpoint_id=str(step_dir))
+    if model is not None:
+        model.config.to_json_file(step_dir / "hf_config.json")
+        (step_dir / "trainer_state.json").write_text(json.dumps({"step": 3, "model_source": model.evotune_source}))
 
 
 @needs_shared
@@ -80,9 +83,8 @@ def test_pth_to_hf_exports_the_newest_step_in_the_source_layout(tmp_path):
     model = load_model(TINY)
     work = tmp_path / "work"
     state = {k: v.clone() for k, v in model.state_dict().items()}
-    _save_dcp(work / "checkpoints" / "step_2", {k: torch.zeros_like(v) for k, v in state.items()})
-    _save_dcp(work / "checkpoints" / "step_10", state)
-    (work / SOURCE_RECORD).write_text(json.dumps(source_record(model)))
+    _save_dcp(work / "checkpoints" / "step_2", {k: torch.zeros_like(v) for k, v in state.items()}, model)
+    _save_dcp(work / "checkpoints" / "step_10", state, model)
     out = pth_to_hf(work, tmp_path / "hf")
     a, b = load_file(out / "model.safetensors"), load_file(TINY / "model.safetensors")
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in b)

@@ -64,7 +64,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     _common(c)
     _hf_out(c)
     c.add_argument("--model", default=None,
-                   help="the model folder the training started from (default: evotune_source.json in the work dir)")
+                   help="the model folder the training started from (default: the checkpoint's hf_config.json "
+                        "and trainer_state.json)")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -213,23 +214,27 @@ def _dcp_plan(step_dir: Path) -> dict:
                        loader(k)) for n, k in zip(names, keys)}
 
 
-def _source_for(step_dir: Path, model_path) -> tuple[dict, object, dict | None]:
-    """(source record, transformers config or dict, generation config) for an exported checkpoint."""
+def _source_for(step_dir: Path, model_path) -> tuple[dict, object]:
+    """(source record, transformers config or dict) for an exported checkpoint.
+
+    Without ``model_path``: the trainer's ``hf_config.json`` and the
+    ``model_source`` of ``trainer_state.json`` in the step folder
+    (see :mod:`evotune.checkpoint.dcp`).
+    """
     import json
 
-    from evotune.checkpoint.hf import SOURCE_RECORD
+    from evotune.checkpoint.dcp import HF_CONFIG, TRAINER_STATE
 
     if model_path is None:
-        for d in (step_dir, step_dir.parent, step_dir.parent.parent):
-            if (d / SOURCE_RECORD).is_file():
-                record = json.loads((d / SOURCE_RECORD).read_text())
-                if "hf_config" not in record:
-                    raise EvotuneError(f"{d / SOURCE_RECORD} has no hf_config: pass --model PRETRAINED_FOLDER")
-                return record, record["hf_config"], record.get("generation_config")
-        raise EvotuneError(
-            f"{step_dir}: no {SOURCE_RECORD} next to the checkpoint; pass --model with the folder the "
-            "training started from (it gives the config, layout and tokenizer)"
-        )
+        if not (step_dir / HF_CONFIG).is_file():
+            raise EvotuneError(
+                f"{step_dir}: no {HF_CONFIG} in the checkpoint; pass --model with the folder the "
+                "training started from (it gives the config, layout and tokenizer)"
+            )
+        config = json.loads((step_dir / HF_CONFIG).read_text())
+        state_file = step_dir / TRAINER_STATE
+        source = json.loads(state_file.read_text()).get("model_source") if state_file.is_file() else None
+        return source or {}, config
     from evotune.model.load import detect_format, read_config_json
 
     fmt = detect_format(model_path)
@@ -239,13 +244,13 @@ def _source_for(step_dir: Path, model_path) -> tuple[dict, object, dict | None]:
 
         ckpt = InternEvoCheckpoint(model_path)
         return ({"format": fmt, "path": str(model_path), "config": config_for_json(ckpt.config)},
-                llama_config_from_internlm2(ckpt.internlm2_config()), None)
+                llama_config_from_internlm2(ckpt.internlm2_config()))
     cfg = read_config_json(Path(model_path))
     if fmt == "internlm2":
         from evotune.model.internlm2 import llama_config_from_internlm2
 
-        return {"format": fmt, "path": str(model_path), "config": cfg}, llama_config_from_internlm2(cfg), None
-    return {"format": "hf", "path": str(model_path), "config": cfg}, cfg, None
+        return {"format": fmt, "path": str(model_path), "config": cfg}, llama_config_from_internlm2(cfg)
+    return {"format": "hf", "path": str(model_path), "config": cfg}, cfg
 
 
 def pth_to_hf(src, dst, *, model_path=None, save_format: str | None = None, dtype=None, tokenizer_path=None,
@@ -253,14 +258,14 @@ def pth_to_hf(src, dst, *, model_path=None, save_format: str | None = None, dtyp
     """An evotune training checkpoint (DCP) -> a HF folder in the layout the training started from.
 
     ``src``: a ``step_<N>`` folder or a work dir (its newest checkpoint).
-    The config and layout come from ``evotune_source.json`` beside the
-    checkpoint (written by the trainer, see :func:`evotune.checkpoint.hf.source_record`)
-    or from ``model_path``, the folder the training started from.
+    The config and layout come from the checkpoint's ``hf_config.json`` and
+    ``trainer_state.json`` (``model_source``), or from ``model_path``, the
+    folder the training started from.
     """
     from evotune.checkpoint.hf import DEFAULT_SHARD_BYTES, export_plan
 
     step_dir = find_training_checkpoint(src)
-    source, config, gen = _source_for(step_dir, model_path)
+    source, config = _source_for(step_dir, model_path)
     return export_plan(_dcp_plan(step_dir), config, dst, source=source, save_format=save_format, dtype=dtype,
-                       tokenizer_path=tokenizer_path, overwrite=overwrite, generation_config=gen,
+                       tokenizer_path=tokenizer_path, overwrite=overwrite,
                        max_shard_bytes=max_shard_bytes or DEFAULT_SHARD_BYTES)

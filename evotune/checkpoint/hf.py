@@ -292,25 +292,6 @@ def write_hf_dir(
     return Path(out_dir)
 
 
-SOURCE_RECORD = "evotune_source.json"
-
-
-def source_record(model) -> dict:
-    """What a training checkpoint should keep (as ``evotune_source.json``) so pth_to_hf can export it later.
-
-    ``model.evotune_source`` plus ``hf_config``, the transformers config of the
-    model being trained (JSON-able).
-    """
-    from evotune.model.load import SOURCE_ATTR
-
-    record = dict(getattr(model, SOURCE_ATTR, None) or {})
-    record["hf_config"] = model.config.to_diff_dict()
-    gen = getattr(model, "generation_config", None)
-    if gen is not None:
-        record["generation_config"] = gen.to_diff_dict()
-    return json.loads(json.dumps(record, default=str))
-
-
 def save_hf(
     model_or_state_dict,
     out_dir,
