@@ -582,3 +582,35 @@ def test_fewer_gpus_train_the_same_packs_per_step(tmp_path, monkeypatch):
         theirs = sorted(mb["input_ids"] for r in range(p["dp_world"])
                         for mb in golden["ranks"][r]["steps"][s]["micro_batches"])
         assert sorted(b["input_ids"] for b in ours if b["step"] == s) == theirs, s
+
+
+@pytest.mark.skipif(not (SHARED / "conformance" / "internlm2").is_dir(), reason="../shared is absent")
+def test_migrated_config_trains_from_the_internevo_checkpoint(tmp_path, monkeypatch):
+    """An InternEvo tp2/pp2 checkpoint and folder, migrated, train 3 steps on CPU with InternEvo's lr and batch."""
+    import numpy as np
+
+    from tests.conftest import random_documents, write_folder
+
+    monkeypatch.setenv("EVOTUNE_CACHE", str(tmp_path / "cache"))
+    rng = np.random.RandomState(0)
+    folder = write_folder(tmp_path / "data", {"en/a/x.bin": random_documents(rng, 60),
+                                              "cn/b/y.bin": random_documents(rng, 40)})
+    ckpt = SHARED / "conformance" / "internlm2" / "internevo_ckpt_tp2pp2"
+    extra = textwrap.dedent('''
+        model["num_layers"] = 4
+        model["hidden_size"] = 64
+        model["num_attention_heads"] = 8
+        model["vocab_size"] = 128
+        model["dtype"] = "torch.float32"
+    ''')
+    src, _ = write_fixture(tmp_path, "tiny", seq_len=32, micro_bsz=2, micro_num=2, total_steps=3, min_length=0,
+                           warmup_ratio=0.34, model=str(ckpt), train=folder, extra=extra)
+    config = write_output(tmp_path, migrate_internevo_config(src, world_size=1).text)
+    work = tmp_path / "work"
+    assert cli_main(["train", str(config), "--device", "cpu", "--work-dir", str(work)]) == 0
+    records = [json.loads(line) for line in (work / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3]
+    for r in records:  # W = int(3 * 0.34) = 1 warm-up step, then cosine over 2
+        assert r["lr"] == pytest.approx(_internevo_lr(r["step"] - 1, 1e-4, 3, 0.34, 1e-5), rel=1e-12)
+    assert records[-1]["tokens"] == 3 * 2 * 64  # steps x micro_num x packed_length, every token real
+    assert (work / "hf" / "config.json").is_file()
