@@ -37,6 +37,9 @@ _EXPORTS: dict[str, str] = {
     "AdamW": "torch.optim",
     "LinearLR": "evotune.train.schedule",
     "CosineAnnealingLR": "evotune.train.schedule",
+    # logging and evaluation
+    "TensorBoardWriter": "evotune.train.tensorboard",
+    "generate_samples": "evotune.train.evaluate",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]
