@@ -12,7 +12,7 @@ import pytest
 from evotune.cli import main as cli_main
 from evotune.data import ftdp
 from evotune.data.ftdp import load_intern_repo_tokenized_dataset, walk_data_files
-from evotune.data.ftdp_write import BinWriter, write_bin
+from evotune.data.ftdp_write import write_bin
 from evotune.errors import EvotuneError
 
 
@@ -143,7 +143,7 @@ def test_walk_order_type_ids_and_min_length(tmp_path):
     assert folder.num_tokens == 8 * len(order)
 
 
-def test_data_order_path_and_cli(tmp_path, capsys):
+def test_data_order_path_and_cli(tmp_path):
     root = tmp_path / "train"
     for rel in ["b/1.bin", "a/2.bin", "a/1.bin"]:
         write_bin(root / rel, [[5, 6, 7]])
