@@ -6,10 +6,11 @@ the data (or in a cache folder) and memory-mapped afterwards, so packs are numpy
 slices instead of ``json.loads`` calls. A cache entry is keyed by the size and
 mtime of the ``.bin`` and of its meta, so a changed file is re-indexed.
 
-The parser is vectorised: a chunk of canonical lines (``{"tokens": [...]}``) is
-checked with two ``bytes.translate`` passes and parsed by ``np.fromstring``;
-any chunk that is not canonical (other keys, ``\\r\\n``, odd spacing, errors)
-goes line by line through ``json.loads``, which also yields the error messages.
+The parser is vectorised: a 16 MB chunk of canonical lines (``{"tokens": [...]}``)
+is validated with ``bytes.translate`` and a few numpy passes and parsed by
+``np.fromstring``; in a chunk with other lines (other keys, ``\\r\\n``, odd
+spacing, errors) only those go through ``json.loads``, which also yields the
+error messages.
 
 Reading rules are InternEvo's (DESIGN.md §3): meta offset = column 0, document
 length = last column, documents with ``length >= min_length`` are kept, the
