@@ -271,3 +271,41 @@ def test_error_folder_without_data(tmp_path):
     (tmp_path / "d").mkdir()
     assert "has no '*.bin' file" in _error(tmp_path)
 
+
+
+DIST_SCRIPT = """
+import json, os, sys
+import torch.distributed as dist
+from evotune.data import ftdp
+rank, port, folder = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+parsed = []
+real = ftdp._parse_bin
+ftdp._parse_bin = lambda path, out: parsed.append(path) or real(path, out)
+f = ftdp.load_intern_repo_tokenized_dataset(folder)
+print(json.dumps({"parsed": len(parsed), "doc": f.files[0].document(1).tolist()}))
+dist.destroy_process_group()
+"""
+
+
+def test_distributed_rank0_builds_others_map(tmp_path):
+    """Under torch.distributed only rank 0 parses; rank 1 waits at the barrier and maps rank 0's index."""
+    import socket
+    import subprocess
+    import sys
+
+    write_bin(tmp_path / "d" / "a" / "x.bin", [[1, 2], [3, 4, 5]])
+    write_bin(tmp_path / "d" / "b" / "y.bin", [[6]])
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    procs = [subprocess.Popen([sys.executable, "-c", DIST_SCRIPT, str(rank), str(port), str(tmp_path / "d")],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+             for rank in range(2)]
+    results = []
+    for p in procs:
+        out, err = p.communicate(timeout=120)
+        assert p.returncode == 0, err
+        results.append(json.loads(out.strip().splitlines()[-1]))
+    assert results == [{"parsed": 2, "doc": [3, 4, 5]}, {"parsed": 0, "doc": [3, 4, 5]}]
