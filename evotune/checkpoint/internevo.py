@@ -495,9 +495,9 @@ def load_internevo_model(folder, dtype: torch.dtype | None = None, ffn_layout: s
     cfg = ckpt.internlm2_config()
     config = llama_config_from_internlm2(cfg, where=str(Path(folder) / CONFIG_NAME))
     plan = plan_internlm2_to_llama(ckpt.plan(), ckpt.heads, ckpt.kv_heads)
-    state = {k: p.load() for k, p in plan.items()}
+    model = build_llama(config, plan, dtype, where=str(folder))
     ckpt._stages.release()
-    return build_llama(config, state, dtype, where=str(folder)), config_for_json(ckpt.config)
+    return model, config_for_json(ckpt.config)
 
 
 # ---------------------------------------------------------------- writing

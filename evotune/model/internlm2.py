@@ -295,19 +295,23 @@ def llama_config_of(config):
     return config
 
 
-def build_llama(config, state: dict[str, torch.Tensor], dtype: torch.dtype | None, where: str):
-    """A ``LlamaForCausalLM`` holding exactly ``state`` (no random init, no copy of the weights).
+def build_llama(config, plan: dict[str, Planned], dtype: torch.dtype | None, where: str):
+    """A ``LlamaForCausalLM`` holding exactly the planned tensors (no random init, no second copy).
 
-    The model is built on the meta device and the tensors are assigned, so
-    loading a 7B model costs one copy of the weights, not two.
+    Tensors are read (and cast) one at a time and assigned to a model built on
+    the meta device, so loading a 7B model costs one copy of the weights.
     """
     from transformers import LlamaForCausalLM
     from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
     if dtype is None:
-        floats = [t.dtype for t in state.values() if t.is_floating_point()]
+        floats = [p.dtype for p in plan.values() if p.dtype.is_floating_point]
         dtype = floats[0] if floats else torch.float32
-    state = {k: (t.to(dtype) if t.is_floating_point() and t.dtype != dtype else t) for k, t in state.items()}
+    state = {}
+    for k, p in plan.items():
+        t = p.load()
+        state[k] = t.to(dtype) if t.is_floating_point() and t.dtype != dtype else t
+        del t
     config.dtype = dtype
     with torch.device("meta"):
         model = LlamaForCausalLM(config)
@@ -346,7 +350,7 @@ def load_internlm2(path, dtype: torch.dtype | None = None):
     cfg = read_config_json(path)
     config = llama_config_from_internlm2(cfg, where=f"{path}/config.json")
     plan = plan_internlm2_to_llama(LazyWeights(path).plan(), config.num_attention_heads, config.num_key_value_heads)
-    return build_llama(config, {k: p.load() for k, p in plan.items()}, dtype, where=str(path))
+    return build_llama(config, plan, dtype, where=str(path))
 
 
 def _sentencepiece_backend():
