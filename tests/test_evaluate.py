@@ -236,3 +236,23 @@ def test_two_fsdp_ranks_generate_in_lockstep(chat_dir, tmp_path):
     assert [r["step"] for r in records] == [0] * 3 + [1] * 6
     # loss/<type> over both ranks: cn (1 + 2) over 2 + 1 tokens, en 4 over the 1 token of rank 1
     assert results[0]["type_loss"] == results[1]["type_loss"] == {"loss/cn": 1.0, "loss/en": 4.0}
+
+
+def test_internlm2_sentencepiece_tokenizer_uses_the_chat_token_ids():
+    """The bare InternLM2 .model names <|im_start|>/<|im_end|> [UNUSED_TOKEN_146/145] (ids 92543/92542)."""
+    from pathlib import Path
+
+    import sentencepiece
+
+    from evotune.model.load import load_tokenizer
+
+    model = Path(__file__).resolve().parents[1].parent / "shared" / "tokenizers" / "internlm2.model"
+    if not model.is_file():
+        pytest.skip(f"{model} is not available")
+    sp = sentencepiece.SentencePieceProcessor(model_file=str(model))
+    enc = PromptEncoder(load_tokenizer(model), "internlm2_chat", system="sys")
+    start, end, nl = [92543], [92542], sp.encode("\n")
+    want = ([1] + start + sp.encode("system\n") + sp.encode("sys") + end + nl
+            + start + sp.encode("user\n") + sp.encode("你好") + end + nl + start + sp.encode("assistant\n"))
+    assert enc("你好") == want
+    assert enc.stop_ids == [2, 92542]

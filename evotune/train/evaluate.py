@@ -59,7 +59,7 @@ class PromptEncoder:
     def __init__(self, tokenizer, template: str | None = None, system: str | None = None,
                  where: str = "prompt_template"):
         from evotune.data import templates as T
-        from evotune.data.tokenize import HFCodec, Options, RecordEncoder
+        from evotune.data.tokenize import HFCodec, Options, RecordEncoder, SentencePieceCodec
 
         if template is not None and (not isinstance(template, str)
                                      or template not in (*T.TEMPLATES, T.TOKENIZER_TEMPLATE)):
@@ -69,7 +69,13 @@ class PromptEncoder:
             raise EvotuneError(f"SYSTEM: expected a string, got {type(system).__name__}")
         self.tokenizer = tokenizer
         self.system = system or None
-        self.codec = HFCodec(tokenizer, getattr(tokenizer, "name_or_path", "") or "the tokenizer")
+        self.codec = HFCodec(tokenizer, getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__)
+        vocab_file = str(getattr(tokenizer, "vocab_file", None) or "")
+        if template in T.TEMPLATES and vocab_file.endswith(".model") and any(
+                self.codec.token_id(t) is None for t in T.TEMPLATES[template].special_tokens):
+            # a bare sentencepiece model (InternLM2's names its chat tokens [UNUSED_TOKEN_*]):
+            # encode as `evotune tokenize --tokenizer x.model` did
+            self.codec = SentencePieceCodec(vocab_file)
         self.plain = template is None and not self.codec.chat_template
         stops = [self.codec.eos_id] if self.codec.eos_id is not None else []
         if not self.plain:
@@ -79,7 +85,7 @@ class PromptEncoder:
             try:
                 self.encoder = RecordEncoder(self.codec, Options(fmt="chat", template=template))
             except EvotuneError as e:
-                raise EvotuneError(f"{where}: {e}") from None
+                raise EvotuneError(f"{where}: {str(e).removeprefix('--template ')}") from None
             stops.append(self._split([{"role": "user", "content": _PLACEHOLDER}])[1])
         self.stop_ids = sorted(set(stops))
 
