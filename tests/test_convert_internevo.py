@@ -316,3 +316,28 @@ def test_ignores_non_model_files_and_inv_freq(tmp_path):
 
     _edit_shards(src, add_inv_freq)
     assert _same(load_file(internevo2hf(src, tmp_path / "hf") / "model.safetensors"), _tiny())
+
+
+def test_tied_and_biased_llama_through_internevo(tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(2)
+    llama = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=96, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
+                                         attention_bias=True))
+    with torch.no_grad():
+        for name, p in llama.named_parameters():
+            if name.endswith("bias"):
+                p.normal_()
+    llama.save_pretrained(tmp_path / "llama")
+    ie = hf2internevo(tmp_path / "llama", tmp_path / "ie", tp=2, pp=1)
+    cfg = torch.load(ie / "model_config.pt")
+    assert cfg["no_bias"] is False
+    shard = torch.load(ie / "model_tp1_pp0.pt")
+    emb = llama.model.embed_tokens.weight.detach()
+    assert torch.equal(shard["output.weight"], emb[32:])  # InternEvo has no tied head: written out
+    assert torch.equal(shard["layers.0.attention.wo.bias"], llama.model.layers[0].self_attn.o_proj.bias.detach())
+    back = load_model(internevo2hf(ie, tmp_path / "hf", save_format="huggingface"))
+    x = torch.randint(0, 64, (1, 7))
+    with torch.no_grad():
+        assert torch.equal(back(x).logits, llama(x).logits)

@@ -225,3 +225,17 @@ def test_bfloat16_load_and_export_keep_dtype(tmp_path):
     back = load_file(out / "model.safetensors")
     assert all(torch.equal(back[k], raw[k].to(torch.bfloat16)) for k in raw)
     assert math.isclose(cfg["rms_norm_eps"], 1e-6)
+
+
+def test_bin_shards_and_stray_inv_freq_buffers_load(tmp_path):
+    src = make_internlm2(tmp_path / "src")
+    raw = load_file(src / "model.safetensors")
+    ref = load_model(src)
+    (src / "model.safetensors").unlink()
+    half = len(raw) // 2
+    keys = sorted(raw)
+    torch.save({k: raw[k] for k in keys[:half]}, src / "pytorch_model-00001-of-00002.bin")
+    torch.save({**{k: raw[k] for k in keys[half:]}, "model.layers.0.attention.rotary_emb.inv_freq": torch.ones(4)},
+               src / "pytorch_model-00002-of-00002.bin")
+    model = load_model(src)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in ref.state_dict().items())

@@ -212,6 +212,8 @@ def plan_internlm2_to_llama(plan: dict[str, Planned], heads: int, kv_heads: int)
         if key in _TOP_RENAMES:
             out[_TOP_RENAMES[key]] = p
             continue
+        if key.endswith(".rotary_emb.inv_freq"):  # a buffer some old saves include; recomputed from the config
+            continue
         m = _LAYER_RE.match(key)
         if m is None:
             raise EvotuneError(f"unexpected InternLM2 weight {key!r}: not part of the InternLM2 layout")
