@@ -110,7 +110,7 @@ class PromptEncoder:
             messages = [{"role": "user", "content": messages}]
         messages = list(messages)
         if self.plain:
-            text = "".join(m["content"] for m in messages if m["role"] != "system")
+            text = "\n".join(m["content"] for m in messages if m["role"] != "system")
             bos = [self.codec.bos_id] if self.codec.bos_id is not None else []
             return bos + self.codec.encode_text([text])[0]
         if self.system and messages[0]["role"] != "system":
@@ -169,6 +169,8 @@ def greedy_generate(model: torch.nn.Module, prompts: Sequence[Sequence[int]], *,
 
     ``model``: a causal LM or a module holding one as ``.llm`` (``SupervisedFinetune``),
     possibly FSDP-sharded; then all ranks must call this with the same prompts.
+    ``device``: where the inputs go; default the parameters' device (pass the
+    compute device when FSDP offloads parameters to the CPU).
     """
     from transformers import GenerationConfig
 
