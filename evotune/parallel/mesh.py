@@ -8,8 +8,11 @@ packs (DESIGN.md §4).
 
 FSDP shards parameters over every rank that holds the same parameters: with
 sequence parallelism that is ``dp x sp`` flattened (``sp`` ranks hold the same
-weights too), which :meth:`ParallelMesh.fsdp_mesh` must return once ``sp > 1``
-is supported; until then it is the ``dp`` dimension, the whole world.
+weights too), which :meth:`ParallelMesh.fsdp_mesh` returns; without it, the
+``dp`` dimension, the whole world. FSDP then averages gradients over all
+``dp x sp`` ranks, while an sp group's gradient is the sum of its ranks' (each
+holds a share of the same packs): the loop multiplies each rank's loss by ``sp``
+before backward (docs/sequence-parallel.md).
 
 One process on the CPU runs without a process group; its mesh is None.
 """
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
@@ -40,20 +44,27 @@ class ParallelMesh:
         """The data-parallel group (for loss and token counts); None without a mesh."""
         return self.mesh.get_group("dp") if self.mesh is not None else None
 
+    @property
+    def sp_group(self) -> dist.ProcessGroup | None:
+        """The sequence-parallel group (passed to the model's attention); None when sp is 1."""
+        return self.mesh.get_group("sp") if self.sp_size > 1 else None
+
     def fsdp_mesh(self, replicate: bool) -> DeviceMesh:
-        """The mesh FSDP2 works on: 1-D over dp (ZeRO: shard over all ranks), or
-        2-D (dp, sp) (plain data parallel: replicate over dp, shard over sp, here 1)."""
-        return self.mesh if replicate else self.mesh["dp"]
+        """The mesh FSDP2 works on: 1-D over every rank (ZeRO: shard over all ranks), or
+        2-D (all ranks, 1) (plain data parallel: replicate over all ranks, shard over none).
+        With sp > 1 it is built here, a collective call: every rank calls it once."""
+        if self.sp_size == 1:
+            return self.mesh if replicate else self.mesh["dp"]
+        world = self.dp_size * self.sp_size
+        flat = DeviceMesh(self.mesh.device_type, torch.arange(world).view(world, 1), mesh_dim_names=("dp_sp", "shard"))
+        return flat if replicate else flat["dp_sp"]
 
 
 def build_mesh(env: DistEnv, sequence_parallel_size: int = 1) -> ParallelMesh:
-    """The mesh of this run; ``sequence_parallel_size`` other than 1 is refused for now."""
+    """The mesh of this run: ``sequence_parallel_size`` must divide the number of processes."""
     sp = int(sequence_parallel_size or 1)
     if sp < 1 or env.world_size % sp:
         raise EvotuneError(f"sequence_parallel_size={sp} must divide the number of processes ({env.world_size})")
-    if sp != 1:
-        raise EvotuneError(f"sequence_parallel_size={sp}: sequence parallelism is not available yet; "
-                           "set sequence_parallel_size = 1")
     dp = env.world_size // sp
     if not dist.is_initialized():
         return ParallelMesh(None, dp_size=1, dp_rank=0, sp_size=1, sp_rank=0)

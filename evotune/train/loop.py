@@ -15,6 +15,12 @@ its weight inside its micro-batch; the loop scales by ``1 / accumulative_counts`
 ``dp / global supervised tokens of the step`` (``'token'``). Gradients are then
 averaged over data-parallel ranks, so both are exact global objectives.
 
+Sequence parallel (``sequence_parallel_size`` > 1): each rank of an sp group
+gets its chunk of every row (``shard_row``) and returns its share of the row's
+loss; the loss it backpropagates is multiplied by ``sp``, because FSDP averages
+gradients over all ``dp x sp`` ranks while the group's gradient is the sum of its
+shares (docs/sequence-parallel.md).
+
 Logged ``loss`` is that global objective (averaged over data-parallel ranks);
 ``tgs`` is real tokens per GPU per second; ``mfu`` is documented in
 :mod:`evotune.train.metrics`.
@@ -42,6 +48,7 @@ from evotune.errors import EvotuneError
 from evotune.parallel.env import DistEnv
 from evotune.parallel.fsdp import clip_grad_norm_, parallelize, set_micro_batch, strategy_for
 from evotune.parallel.mesh import ParallelMesh, build_mesh
+from evotune.parallel.ulysses import check_heads, shard_row
 from evotune.parallel.zero import ZeroSettings
 from evotune.train import metrics as M
 from evotune.train.progress import Progress
@@ -67,9 +74,9 @@ def seed_everything(seed: int) -> None:
 
 
 def _all_reduce(value: torch.Tensor, pmesh: ParallelMesh) -> torch.Tensor:
-    """Sum over the data-parallel group (each pack counted once)."""
-    if pmesh.dp_size > 1:
-        dist.all_reduce(value, group=pmesh.dp_group)
+    """Sum over all ranks: each pack counted once (an sp rank holds its share of each pack)."""
+    if pmesh.dp_size * pmesh.sp_size > 1:
+        dist.all_reduce(value)
     return value
 
 
@@ -146,6 +153,9 @@ def train(cfg: dict, work_dir: str, env: DistEnv, *, seed: int | None = None,
     model = build(cfg["model"])
     llm = model.llm
     check_vocab(dataset, llm, f"dataset_folder '{cfg.get('dataset_folder')}'")
+    heads = llm.config.num_attention_heads
+    check_heads(heads, getattr(llm.config, "num_key_value_heads", None) or heads, pmesh.sp_size,
+                where=f"model '{cfg.get('pretrained_model_name_or_path')}'")
     export_dtype = next(p.dtype for p in llm.parameters() if p.is_floating_point())
     dtype = compute_dtype(cfg, zero, env.device)
     n_matmul = M.matmul_params(llm)
@@ -168,14 +178,17 @@ def train(cfg: dict, work_dir: str, env: DistEnv, *, seed: int | None = None,
     resume_path = dcp.resolve_resume(resume, work_dir) if resume else None
     loaded = None
     if resume_path:
+        load_start = time.perf_counter()
         loaded = dcp.load_checkpoint(resume_path, model=model, optimizer=optimizer, scheduler=scheduler)
+        load_time = time.perf_counter() - load_start
         state = TrainState(loaded["step"], loaded["consumed_tokens"], loaded["sampler"])
         sampler.load_state_dict(state.sampler)
     elif env.is_main:
         _set_aside_old_checkpoints(ckpt_root)
 
     loader = StepLoader(dataset, sampler, batch_size=batch_size, micro_num=accum,
-                        collate=lambda packs: packed_collate(packs, loss_reduction),
+                        collate=lambda packs: shard_row(packed_collate(packs, loss_reduction),
+                                                        pmesh.sp_rank, pmesh.sp_size),
                         pin_memory=env.device.type == "cuda")
     peak = M.peak_tflops(env.device)
     log_interval = int(cfg.get("log_interval", 1))
@@ -197,7 +210,7 @@ def train(cfg: dict, work_dir: str, env: DistEnv, *, seed: int | None = None,
                    + (f"; --deepspeed {zero.source}: ignored {', '.join(zero.ignored)}" if zero and zero.ignored
                       else ""))
     if loaded:
-        progress.print(f"evotune: resumed from {resume_path} (step {state.step}, saved by "
+        progress.print(f"evotune: resumed from {resume_path} in {load_time:.2f} s (step {state.step}, saved by "
                        f"{loaded.get('world_size')} process(es))")
         dcp.set_rng_state(loaded["rng"])  # last: the model and data were built with the seed's RNG
     elif resume:
@@ -217,7 +230,8 @@ def train(cfg: dict, work_dir: str, env: DistEnv, *, seed: int | None = None,
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
 
-            stats = torch.tensor([step_loss, tokens, M.model_flops(n_matmul, n_layers, attn_dim, doc_lengths)],
+            flops = M.model_flops(n_matmul, n_layers, attn_dim, doc_lengths) / pmesh.sp_size  # a share per sp rank
+            stats = torch.tensor([step_loss, tokens, flops],
                                  dtype=torch.float64, device=env.device)
             _all_reduce(stats, pmesh)
             stats = stats.tolist()  # synchronises with the device
@@ -269,8 +283,10 @@ def _train_step(model, micro_batches: list[dict], env: DistEnv, pmesh: ParallelM
         set_micro_batch(model, strategy, last=i == len(micro_batches) - 1)
         inputs = {k: (mb[k].to(env.device, non_blocking=True) if isinstance(mb[k], torch.Tensor) else mb[k])
                   for k in MODEL_INPUTS}
+        if pmesh.sp_size > 1:
+            inputs["sp_group"] = pmesh.sp_group
         loss = model(**inputs) * scale
-        loss.backward()
+        (loss * pmesh.sp_size).backward()
         total += loss.detach()
         tokens += mb["num_tokens"]
         doc_lengths.extend(mb["doc_lengths"].tolist())
