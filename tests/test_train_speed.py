@@ -141,3 +141,16 @@ def test_position_resets_are_read_once_per_forward(monkeypatch):
     assert len(calls) == 1
     second = llm(input_ids=torch.tensor([docs[1]])).logits
     torch.testing.assert_close(logits[:, 6:], second, rtol=1e-5, atol=1e-6)
+
+
+def test_varlen_kernel_inputs_share_the_autocast_dtype():
+    """Under autocast, rotary leaves q/k in fp32 and v in bf16: the flash kernels get one 16-bit dtype."""
+    q, k = torch.randn(1, 4, 10, 16), torch.randn(1, 2, 10, 16)
+    v = torch.randn(1, 2, 10, 16).bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        kernel_q, kernel_k, kernel_v = attention._kernel_inputs(q, k, v)
+    assert kernel_q.dtype == kernel_k.dtype == kernel_v.dtype == torch.bfloat16
+    assert kernel_q.shape == (10, 4, 16) and kernel_k.shape == (10, 2, 16)
+    torch.testing.assert_close(kernel_q.float(), q[0].transpose(0, 1), rtol=1e-2, atol=1e-2)
+    assert attention._kernel_inputs(q, k, v) is None  # mixed dtypes without autocast: no flash kernel
+    assert attention._kernel_inputs(q, k, v.float()) is None  # fp32: no flash kernel

@@ -11,8 +11,10 @@ Kernels, chosen per call by the device of the query:
 * CUDA: flash-attn's ``flash_attn_varlen_func`` when installed, else PyTorch's
   ``torch.nn.attention.varlen.varlen_attn`` (its causal flag changed between
   releases, so the signature is read once at import).
-* CPU: no varlen kernel has a CPU backward, so each document runs causal SDPA on
-  its own and the outputs are concatenated: exact, and what the tests use.
+  q/k/v go to the kernel in one 16-bit dtype (autocast's, see ``_kernel_inputs``).
+* CPU, or fp32 on CUDA: no varlen kernel has a CPU backward (or takes fp32), so
+  each document runs causal SDPA on its own and the outputs are concatenated:
+  exact, and what the tests use.
 
 Without ``cu_seq_lens_q`` (generation, plain evaluation) position resets in a
 single row are turned into boundaries (read from the device once per forward,
@@ -63,6 +65,26 @@ def _cuda_varlen(q, k, v, cu_q, cu_k, max_q, max_k, scale):
             rep = q.shape[1] // k.shape[1]
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
     return varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, **kwargs)
+
+
+def _kernel_inputs(query, key, value):
+    """[1, H, S, D] q/k/v -> [S, H, D] views in the one 16-bit dtype flash kernels take, or None.
+
+    Under autocast with fp32 weights, transformers' rotary embedding (computed in
+    the residual stream's fp32) leaves q and k in fp32 while v comes out of its
+    projection in the autocast dtype; the custom varlen ops are not on autocast's
+    lists, so they are cast here, as transformers' own flash integration does.
+    Without autocast the inputs must already share a 16-bit dtype; fp32 (no flash
+    kernel) returns None and the exact per-document SDPA runs instead.
+    """
+    device_type = query.device.type
+    if torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+    elif query.dtype == key.dtype == value.dtype and query.dtype in (torch.float16, torch.bfloat16):
+        dtype = query.dtype
+    else:
+        return None
+    return tuple(t[0].transpose(0, 1).to(dtype) for t in (query, key, value))
 
 
 def _per_document_sdpa(q, k, v, bounds: list[int], scale):
@@ -152,10 +174,10 @@ def varlen_attention_forward(
         return out.transpose(1, 2).contiguous(), None
     if query.shape[0] != 1:
         raise ValueError("varlen attention expects one packed row (batch dimension 1)")
-    if query.is_cuda:
-        q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # [S, H, D]
+    kernel_inputs = _kernel_inputs(query, key, value) if query.is_cuda else None
+    if kernel_inputs is not None:
         cu_k = cu_seq_lens_k if cu_seq_lens_k is not None else cu_seq_lens_q
-        out = _cuda_varlen(q, k, v, cu_seq_lens_q, cu_k, max_length_q, max_length_k or max_length_q, scaling)
+        out = _cuda_varlen(*kernel_inputs, cu_seq_lens_q, cu_k, max_length_q, max_length_k or max_length_q, scaling)
         return out.unsqueeze(0), None
     out = _per_document_sdpa(query, key, value, cu_seq_lens_q.tolist(), scaling)
     return out.transpose(1, 2).contiguous(), None
