@@ -64,7 +64,7 @@ def main(args: argparse.Namespace) -> int:
     from evotune.parallel.launch import relaunch, torchrun_command
     from evotune.parallel.zero import read_deepspeed
 
-    if args.launcher == "none":
+    if args.launcher == "none" and "RANK" not in os.environ:  # not already started by a launcher
         command = torchrun_command(train_argv(args), os.environ)
         if command is not None:
             return relaunch(command)
