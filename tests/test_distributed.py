@@ -256,6 +256,35 @@ def test_failing_rank_stops_the_whole_command(tiny_llama_dir, small_folder, tmp_
     assert "broken.bin" in proc.stdout + proc.stderr, proc.stderr[-3000:]
 
 
+WATCHED = """
+import os, time
+from evotune.parallel.env import process_group
+with process_group("cpu", launcher="slurm") as env:
+    if env.rank == 1:
+        raise RuntimeError("boom")
+    time.sleep(60)  # no collective: only the failure watcher can end this rank early
+"""
+
+
+def test_failing_rank_stops_the_others_without_torchrun():
+    """srun-style launch (no torchrun to stop the others): rank 0 ends within seconds of rank 1's error."""
+    port = free_port()
+    start = time.perf_counter()
+    procs = []
+    for rank in range(2):
+        env = {**os.environ, "SLURM_PROCID": str(rank), "SLURM_NTASKS": "2", "SLURM_LOCALID": str(rank),
+               "SLURM_NODELIST": "localhost", "MASTER_PORT": str(port)}
+        for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR"):
+            env.pop(key, None)
+        procs.append(subprocess.Popen([sys.executable, "-c", WATCHED], cwd=REPO, env=env, text=True,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE))
+    errors = [p.communicate(timeout=60)[1] for p in procs]
+    elapsed = time.perf_counter() - start
+    assert [p.returncode for p in procs] == [1, 1], errors
+    assert "stopping rank 0: rank 1 failed: RuntimeError: boom" in errors[0]
+    assert elapsed < 30, f"took {elapsed:.0f} s"
+
+
 # --------------------------------------------------------------------------- worker (run by torchrun)
 
 
