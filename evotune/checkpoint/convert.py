@@ -85,7 +85,8 @@ def main(args: argparse.Namespace) -> int:
     elif args.direction == "hf2internevo":
         out = hf2internevo(args.src, args.dst, tp=args.tp, pp=args.pp, dtype=dtype, overwrite=args.overwrite)
     else:
-        out = pth_to_hf(args.src, args.dst, model_path=args.model, save_format=args.save_format, dtype=dtype, tokenizer_path=args.tokenizer,
+        out = pth_to_hf(args.src, args.dst, model_path=args.model, save_format=args.save_format, dtype=dtype,
+                        tokenizer_path=args.tokenizer,
                         max_shard_bytes=parse_size(args.max_shard_size), overwrite=args.overwrite)
     print(f"wrote {out}")
     return 0

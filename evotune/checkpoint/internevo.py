@@ -295,7 +295,6 @@ class InternEvoCheckpoint:
             stage = self._stages.get(p)
             self.shapes.append([{k: tuple(v.shape) for k, v in sd.items()} for sd in stage])
             for t, sd in enumerate(stage):
-                self.dtype = next(iter(sd.values())).dtype if sd else torch.float32
                 if set(sd) != set(stage[0]):
                     odd = sorted(set(sd) ^ set(stage[0]))[0]
                     raise EvotuneError(
@@ -323,28 +322,25 @@ class InternEvoCheckpoint:
                 "tok_embeddings.word_embeddings.weight: is this an InternLM2 checkpoint?"
             )
         self.embed_key = embed[0]
+        self.dtype = self._stages.get(0)[0][self.embed_key].dtype
+        self._stages.release()
         for key in ("norm.weight", "output.weight"):
             if key not in last:
-                raise EvotuneError(f"{self.folder / f'model_tp0_pp{self.pp - 1}.pt'} has no {key} (the last stage holds it)")
-        w1 = self.shapes[0][0]["layers.0.feed_forward.w1.weight"] if self.stage_layers[0] else None
-        self.ffn_layout = self._detect_ffn(ffn_layout)
-        self.intermediate = (w1[0] if w1 else self._any_w1()[0]) * tp
+                raise EvotuneError(f"{self.folder / f'model_tp0_pp{self.pp - 1}.pt'} has no {key} "
+                                   "(the last pipeline stage holds it)")
+        p = next(p for p in range(self.pp) if self.stage_layers[p])
+        ffn = {w: self.shapes[p][0].get(f"layers.0.feed_forward.{w}.weight") for w in ("w1", "w2", "w3")}
+        missing = [w for w, shape in ffn.items() if shape is None]
+        if missing:
+            raise EvotuneError(f"{self.folder / f'model_tp0_pp{p}.pt'}: layers.0.feed_forward.{missing[0]}.weight "
+                               "is missing")
+        self.ffn_layout = self._detect_ffn(ffn_layout, ffn["w2"], ffn["w3"])
+        self.intermediate = ffn["w1"][0] * tp
         self._check_shapes()
 
-    def _any_w1(self):
-        for p in range(self.pp):
-            if "layers.0.feed_forward.w1.weight" in self.shapes[p][0]:
-                return self.shapes[p][0]["layers.0.feed_forward.w1.weight"]
-        raise EvotuneError(f"{self.folder}: no layer holds feed_forward.w1.weight")
-
-    def _detect_ffn(self, ffn_layout: str) -> str:
+    def _detect_ffn(self, ffn_layout: str, w2: tuple, w3: tuple) -> str:
         if ffn_layout != "auto":
             return ffn_layout
-        p = next(p for p in range(self.pp) if self.stage_layers[p])
-        s = self.shapes[p][0]
-        w2, w3 = s.get("layers.0.feed_forward.w2.weight"), s.get("layers.0.feed_forward.w3.weight")
-        if w2 is None or w3 is None:
-            raise EvotuneError(f"{self.folder / f'model_tp0_pp{p}.pt'}: layers.0.feed_forward.w2/w3 missing")
         hidden = self.hidden
         w2_down = w2[0] == hidden and w3[1] == hidden
         w3_down = w3[0] == hidden and w2[1] == hidden

@@ -75,7 +75,7 @@ def detect_format(path) -> str:
     if not p.exists():
         raise EvotuneError(f"model path {p} does not exist: set pretrained_model_name_or_path to a model directory")
     if not p.is_dir():
-        raise EvotuneError(f"model path {p} is a file: point at the directory that holds config.json or model_config.pt")
+        raise EvotuneError(f"model path {p} is a file: point at the folder that holds config.json or model_config.pt")
     if (p / "model_config.pt").is_file():
         return "internevo"
     if (p / "config.json").is_file():
@@ -87,16 +87,11 @@ def detect_format(path) -> str:
     )
 
 
-def _hf_weight_files(p: Path) -> list[Path]:
-    files = sorted(p.glob("*.safetensors")) or sorted(p.glob("pytorch_model*.bin"))
-    return files
-
-
 def _load_hf(p: Path, dtype) -> torch.nn.Module:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config_dict = read_config_json(p)
-    if not _hf_weight_files(p):
+    if not (any(p.glob("*.safetensors")) or any(p.glob("pytorch_model*.bin"))):
         raise EvotuneError(f"{p} has a config.json but no weights (*.safetensors or pytorch_model*.bin)")
     try:
         config = AutoConfig.from_pretrained(p, trust_remote_code=False)
@@ -113,8 +108,6 @@ def _load_hf(p: Path, dtype) -> torch.nn.Module:
         trust_remote_code=False,
         device_map=None,
     )
-    if torch_dtype is None and not (config_dict.get("torch_dtype") or config_dict.get("dtype")):
-        model = model.float()  # a checkpoint that says nothing about its dtype loads as float32
     return model
 
 
@@ -122,7 +115,7 @@ def load_model(path, dtype=None, device=None) -> torch.nn.Module:
     """Load a causal LM (a transformers ``PreTrainedModel``) from a HF, InternLM2 or InternEvo directory.
 
     ``dtype``: a torch dtype or a name ('bfloat16', 'float32', 'auto'); None or
-    'auto' keeps the checkpoint's dtype (float32 when it does not say).
+    'auto' keeps the checkpoint's dtype (its config's, else its weights').
     ``device``: where the parameters go (default CPU).
     """
     p = Path(path)
