@@ -197,7 +197,6 @@ def train(cfg: dict, work_dir: str, env: DistEnv, *, seed: int | None = None,
         _trim_metrics(metrics_path, state.step)
     writer = M.MetricsWriter(metrics_path, enabled=env.is_main, append=loaded is not None)
     progress = Progress(n_steps, enabled=env.is_main)
-    progress.done = state.step
     global_batch = pmesh.dp_size * batch_size * accum
     progress.print(
         f"evotune: {len(dataset)} packs of {dataset.packed_length} tokens, {sampler.steps_per_epoch} steps/epoch, "
