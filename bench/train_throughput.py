@@ -345,7 +345,8 @@ def machine(device: torch.device) -> str:
         model = next(line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name"))
     except (OSError, subprocess.CalledProcessError, StopIteration):
         model = platform.processor() or "unknown CPU"
-    return f"{model}, {torch.get_num_threads()} threads"
+    n = torch.get_num_threads()
+    return f"{model}, {n} intra-op thread{'s' if n > 1 else ''}"
 
 
 def commit() -> str:
