@@ -128,6 +128,12 @@ def test_crash_mid_save_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
                         train_state={"step": 2}, keep=1)
     assert sorted(os.listdir(root)) == ["step_2"]  # leftovers removed, only the newest kept
 
+    other = torch.nn.Linear(4, 5)
+    other_opt = torch.optim.AdamW(other.parameters())
+    with pytest.raises(EvotuneError, match="does not fit this model and optimizer \(ValueError: Size mismatch"):
+        dcp.load_checkpoint(os.path.join(root, "step_2"), model=other, optimizer=other_opt,
+                            scheduler=torch.optim.lr_scheduler.LambdaLR(other_opt, lambda s: 1.0))
+
 
 def test_resume_arguments(tmp_path):
     assert dcp.resolve_resume("auto", str(tmp_path)) is None

@@ -26,16 +26,19 @@ Several nodes need the work dir on a shared filesystem.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
 import re
 import shutil
+import warnings
 
 import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from evotune.errors import EvotuneError
@@ -121,6 +124,14 @@ def _barrier() -> None:
         dist.barrier()
 
 
+@contextlib.contextmanager
+def _single_process_quiet():
+    """DCP warns on every call without a process group; one process is a normal case here."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
+
+
 def _write_json(path: str, data: dict) -> None:
     with open(path, "w", encoding="utf-8") as f:
         json.dump(data, f, indent=2, sort_keys=True, default=str)
@@ -164,7 +175,8 @@ def save_checkpoint(root: str, step: int, *, model, optimizer, scheduler, train_
         os.makedirs(os.path.join(tmp, "rng"))
     _barrier()
     model_sd, optim_sd = get_state_dict(model, optimizer)
-    dcp.save({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=tmp, no_dist=not dist.is_initialized())
+    with _single_process_quiet():
+        dcp.save({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=tmp, no_dist=not dist.is_initialized())
     torch.save(rng_state(), os.path.join(tmp, "rng", f"rank_{rank}.pt"))
     _barrier()
     if rank == 0:
@@ -205,9 +217,11 @@ def load_checkpoint(path: str, *, model, optimizer, scheduler) -> dict:
     model_sd, optim_sd = get_state_dict(model, optimizer)
     loaded = {"model": model_sd, "optimizer": optim_sd}
     try:
-        dcp.load(loaded, checkpoint_id=path, no_dist=not dist.is_initialized())
-    except Exception as e:  # DCP reports missing keys and shape mismatches from deep inside
-        raise EvotuneError(f"{path}: does not fit this model and optimizer ({type(e).__name__}: {e}); "
+        with _single_process_quiet():
+            dcp.load(loaded, checkpoint_id=path, no_dist=not dist.is_initialized())
+    except (Exception, CheckpointException) as e:  # missing keys, shape mismatches (with a long traceback)
+        reason = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+        raise EvotuneError(f"{path}: does not fit this model and optimizer ({reason}); "
                            "resume with the config the checkpoint was trained with") from e
     set_state_dict(model, optimizer, model_state_dict=loaded["model"], optim_state_dict=loaded["optimizer"])
     scheduler.load_state_dict(state.pop("scheduler"))
@@ -233,6 +247,7 @@ def read_model_state(path: str) -> dict[str, torch.Tensor]:
     for key, md in metadata.state_dict_metadata.items():
         if key.startswith("model.") and isinstance(md, TensorStorageMetadata):
             model[key.removeprefix("model.")] = torch.empty(md.size, dtype=md.properties.dtype)
-    dcp.load({"model": model}, checkpoint_id=path, no_dist=True)
+    with _single_process_quiet():
+        dcp.load({"model": model}, checkpoint_id=path, no_dist=True)
     return {k.removeprefix("llm."): v for k, v in model.items()}
 
