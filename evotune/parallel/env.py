@@ -71,9 +71,9 @@ def setup(device: str | None = None, *, launcher: str = "none", cpu_offload: boo
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     dev = torch.device(device)
-    if dev.type == "cuda":
-        torch.cuda.set_device(local_rank)
-        dev = torch.device("cuda", local_rank)
+    if dev.type == "cuda":  # modulo: under srun --gpus-per-task=1 every task sees its one GPU as cuda:0
+        dev = torch.device("cuda", local_rank % torch.cuda.device_count())
+        torch.cuda.set_device(dev)
     if (world > 1 or dev.type == "cuda") and not dist.is_initialized():
         backend = "gloo"
         if dev.type == "cuda":
