@@ -365,7 +365,7 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cpu")
     p.add_argument("--model", choices=sorted(MODELS), default=None, help="default: tiny on CPU, llama-1b on CUDA")
     p.add_argument("--packed-length", type=int, default=None, help="default: 1024 on CPU, 16384 on CUDA")
-    p.add_argument("--steps", type=int, default=None, help="timed steps per path (default: 5 on CPU, 10 on CUDA)")
+    p.add_argument("--steps", type=int, default=None, help="timed steps per path (default 10)")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default: 2, 3 with --compile)")
     p.add_argument("--dtype", choices=("bfloat16", "float32"), default=None,
                    help="bfloat16: autocast with fp32 master weights (default on CUDA); float32 (default on CPU)")
@@ -386,7 +386,7 @@ def main(argv=None) -> int:
     cuda = device.type == "cuda"
     args.model = args.model or ("llama-1b" if cuda else "tiny")
     args.packed_length = args.packed_length or (16384 if cuda else 1024)
-    args.steps = args.steps or (10 if cuda else 5)
+    args.steps = args.steps or 10
     args.warmup = args.warmup if args.warmup is not None else (3 if args.compile else 2)
     args.dtype = getattr(torch, args.dtype or ("bfloat16" if cuda else "float32"))
     args.ac = args.ac or ("selective" if cuda else "none")
