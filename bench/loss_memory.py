@@ -77,7 +77,7 @@ def main(argv=None) -> int:
     p.add_argument("--vocab", type=int, default=92544)
     p.add_argument("--hidden", type=int, default=64)
     p.add_argument("--chunk-tokens", type=int, default=DEFAULT_CHUNK_TOKENS)
-    p.add_argument("--full-tokens", default="2048,4096",
+    p.add_argument("--full-tokens", default="1024,2048,4096",
                    help="token counts at which full logits are measured (comma separated)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
