@@ -75,6 +75,13 @@ class PeakMemory:
             self._base = _status_kib("VmRSS") * 1024
         return self
 
+    def held_bytes(self) -> int | None:
+        """Bytes held now above the start of the block (call inside it)."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            return torch.cuda.memory_allocated(self.device) - self._base
+        return _status_kib("VmRSS") * 1024 - self._base if self._cpu else None
+
     def __exit__(self, *exc) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
