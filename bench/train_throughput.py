@@ -360,7 +360,8 @@ def commit() -> str:
         return "unknown"
 
 
-def main(argv=None) -> int:
+def parse_args(argv=None) -> argparse.Namespace:
+    """Command-line options, with the per-device defaults filled in."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--device", default="cpu")
     p.add_argument("--model", choices=sorted(MODELS), default=None, help="default: tiny on CPU, llama-1b on CUDA")
@@ -390,8 +391,16 @@ def main(argv=None) -> int:
     args.warmup = args.warmup if args.warmup is not None else (3 if args.compile else 2)
     args.dtype = getattr(torch, args.dtype or ("bfloat16" if cuda else "float32"))
     args.ac = args.ac or ("selective" if cuda else "none")
-    if args.threads or not cuda:
-        torch.set_num_threads(args.threads or 1)
+    args.threads = args.threads or (None if cuda else 1)
+    return args
+
+
+def run(args: argparse.Namespace) -> list[dict]:
+    """Train the three paths, print the table; returns one result dict per path."""
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if cuda:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -484,6 +493,11 @@ def main(argv=None) -> int:
         print("MFU: n/a (no known peak for this device; pass --peak-tflops)")
     else:
         print(f"MFU against {peak:g} TFLOP/s, model FLOPs on real document lengths")
+    return results
+
+
+def main(argv=None) -> int:
+    run(parse_args(argv))
     return 0
 
 
