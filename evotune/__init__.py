@@ -30,6 +30,9 @@ _EXPORTS: dict[str, str] = {
     "load_tokenizer": "evotune.model.load",
     "save_hf": "evotune.checkpoint.hf",
     "SupervisedFinetune": "evotune.model.finetune",
+    "chunked_cross_entropy": "evotune.model.loss",
+    "set_activation_checkpointing": "evotune.model.checkpointing",
+    "compile_decoder_layers": "evotune.model.compile",
     # migration
     "read_internevo_config": "evotune.migrate",
     "migrate_internevo_config": "evotune.migrate",
@@ -37,6 +40,7 @@ _EXPORTS: dict[str, str] = {
     "AdamW": "torch.optim",
     "LinearLR": "evotune.train.schedule",
     "CosineAnnealingLR": "evotune.train.schedule",
+    "build_optimizer": "evotune.train.optim",
     # logging and evaluation
     "TensorBoardWriter": "evotune.train.tensorboard",
     "generate_samples": "evotune.train.evaluate",
