@@ -63,14 +63,17 @@ def build_assets(root: str = ASSETS) -> dict:
 
     model_dir = os.path.join(root, "model")
     data_dir = os.path.join(root, "data", "train")
+    valid_dir = os.path.join(root, "data", "valid")
     bin_path = os.path.join(data_dir, "en", "pydoc", "topics.bin")
-    if not os.path.exists(os.path.join(model_dir, "config.json")) or not os.path.exists(bin_path + ".meta"):
+    valid_path = os.path.join(valid_dir, "en", "pydoc", "topics.bin")
+    if not os.path.exists(os.path.join(model_dir, "config.json")) or not os.path.exists(valid_path + ".meta"):
         docs = _documents()
         tok = build_tokenizer(docs, model_dir)
         build_model(len(tok), model_dir)
-        write_bin(bin_path, ([tok.bos_token_id] + tok.encode(d, add_special_tokens=False) + [tok.eos_token_id]
-                             for d in docs))
-    return {"model": model_dir, "data": data_dir}
+        encoded = [[tok.bos_token_id] + tok.encode(d, add_special_tokens=False) + [tok.eos_token_id] for d in docs]
+        write_bin(bin_path, (d for i, d in enumerate(encoded) if i % 20))  # every 20th document is held out
+        write_bin(valid_path, (d for i, d in enumerate(encoded) if i % 20 == 0))
+    return {"model": model_dir, "data": data_dir, "valid": valid_dir}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -86,7 +89,7 @@ def main(args: argparse.Namespace) -> int:
     assets = build_assets(os.path.join(args.work_dir, "assets"))
     print(f"evotune demo: tiny Llama + BPE tokenizer in {assets['model']}, InternEvo folder in {assets['data']}")
     options = [f"pretrained_model_name_or_path={assets['model']!r}", f"dataset_folder={assets['data']!r}",
-               *args.cfg_options]
+               f"valid_folder={assets['valid']!r}", *args.cfg_options]
     parser = argparse.ArgumentParser()
     run.add_arguments(parser)
     code = run.main(parser.parse_args([config_path("tiny_llama_cpu"), "--work-dir", args.work_dir,

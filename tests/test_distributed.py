@@ -31,7 +31,8 @@ STEPS = 4
 def tiny_options(model_dir: str, data_dir: str, **overrides) -> list[str]:
     """--cfg-options for the shipped tiny config on the test model and data (4 steps, 64-token packs)."""
     values = {"pretrained_model_name_or_path": model_dir, "dataset_folder": data_dir, "max_length": 64,
-              "max_steps": STEPS, "save_steps": 2, "save_total_limit": -1, "accumulative_counts": 2}
+              "max_steps": STEPS, "save_steps": 2, "save_total_limit": -1, "accumulative_counts": 2,
+              "valid_folder": None, "evaluation_inputs": None}  # the demo's data and prompts are not here
     values.update(overrides)
     return [f"{k}={v!r}" for k, v in values.items()]
 

@@ -160,3 +160,49 @@ def test_token_ids_beyond_vocab_are_rejected_before_training(tmp_path, tiny_llam
     assert out.returncode != 0 and "Traceback" not in out.stderr
     assert "500" in out.stderr and "128" in out.stderr
     assert not (tmp_path / "w" / "hf").exists()
+
+
+def test_samples_validation_and_per_type_loss_during_training(tmp_path):
+    """evaluation_inputs, valid_folder and type_ids reach the metrics and eval_samples.jsonl."""
+    from transformers import AutoModelForCausalLM
+
+    from evotune.demo import build_model, build_tokenizer
+
+    texts = [f"item {i} is {'even' if i % 2 == 0 else 'odd'} and {i * 3} is its triple." for i in range(300)]
+    model_dir = str(tmp_path / "model")
+    tok = build_tokenizer(texts, model_dir, vocab_size=300)
+    build_model(len(tok), model_dir, hidden=64, layers=2)
+    enc = [[tok.bos_token_id] + tok.encode(t, add_special_tokens=False) + [tok.eos_token_id] for t in texts]
+    data = write_folder(tmp_path / "train", {"cn/a/x.bin": enc[:120], "en/b/y.bin": enc[120:260]})
+    write_folder(tmp_path / "valid", {"set1/v.bin": enc[260:], "set2/w.bin": enc[260:280]})
+    cfg = write_config(tmp_path, model_dir, data, steps=6)
+    extra = [f"valid_folder={str(tmp_path / 'valid')!r}", "evaluation_freq=4", "max_new_tokens=5",
+             "evaluation_inputs=['item 4 is', 'item 7 is']"]
+    work = tmp_path / "work"
+    assert cli_main(["train", cfg, "--work-dir", str(work), "--cfg-options", *extra]) == 0
+
+    rows = _metrics(work)
+    assert all({"loss/cn", "loss/en"} & set(r) for r in rows)
+    for r in rows:  # a pack's mean loss lies between the mean losses of its types
+        per_type = [r[k] for k in ("loss/cn", "loss/en") if k in r]
+        assert min(per_type) - 1e-4 <= r["loss"] <= max(per_type) + 1e-4
+    val_steps = [r["step"] for r in rows if "val_loss/set1" in r]
+    assert val_steps == [4, 6]
+    samples = [json.loads(line) for line in (work / "eval_samples.jsonl").read_text().splitlines()]
+    assert [s["step"] for s in samples] == [0, 0, 4, 4, 6, 6]
+    assert [s["input"] for s in samples[:2]] == ["item 4 is", "item 7 is"]
+
+    # the last validation loss is the token-weighted mean CE of the set under the exported model
+    from evotune.data.packing import build_valid_datasets
+
+    trained = AutoModelForCausalLM.from_pretrained(work / "hf", dtype=torch.float32)
+    trained.set_attn_implementation("eager")
+    ds = build_valid_datasets(str(tmp_path / "valid"), 64)["set1"]
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for i in range(len(ds)):
+            pack = ds[i]
+            mean = _pack_mean_loss(trained, pack).item()
+            n = int((pack["labels"] != -100).sum())
+            total, count = total + mean * n, count + n
+    assert rows[-1]["val_loss/set1"] == pytest.approx(total / count, rel=1e-5)

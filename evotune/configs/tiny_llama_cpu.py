@@ -12,6 +12,7 @@ use_varlen_attn = True
 
 # Data
 dataset_folder = './work_dirs/demo/assets/data/train'
+valid_folder = './work_dirs/demo/assets/data/valid'  # validation loss per set every evaluation_freq steps
 max_length = 512  # tokens per pack
 max_length_per_sample = None  # InternEvo's seq_len: longer segments are split (None: max_length)
 pack_sample_into_one = False
@@ -28,6 +29,11 @@ warm_up_ratio = 0.05
 
 # Parallel
 sequence_parallel_size = 1
+
+# Evaluate: greedy answers to these prompts at start, every evaluation_freq steps, at end
+evaluation_freq = 100
+evaluation_inputs = ['The for statement is used to', 'A list comprehension']
+max_new_tokens = 24
 
 # Save
 save_steps = 50

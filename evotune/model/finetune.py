@@ -61,12 +61,17 @@ class SupervisedFinetune(nn.Module):
         max_length_q: int | None = None,
         max_length_k: int | None = None,
         sp_group: dist.ProcessGroup | None = None,
-    ) -> torch.Tensor:
+        loss_group_ids: torch.Tensor | None = None,
+        num_groups: int = 0,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Weighted sum of per-token CE over the supervised tokens of the row.
 
         ``sp_group`` (sequence parallel): the inputs are this rank's chunk of the
         row (:func:`evotune.parallel.ulysses.shard_row`); the result is this
         chunk's share of the row's loss, and the group's shares sum to it.
+        ``loss_group_ids`` (the data type of each supervised token,
+        :meth:`evotune.train.type_loss.TypeLoss.model_inputs`): the result is
+        ``(loss, per-type plain CE sums)``.
         """
         varlen = {}
         if self.use_varlen_attn:
@@ -84,4 +89,5 @@ class SupervisedFinetune(nn.Module):
         return chunked_cross_entropy(
             hidden, head.weight, loss_labels, loss_weight, bias=head.bias,
             chunk_tokens=self.loss_chunk_tokens, label_smoothing=self.label_smoothing,
+            group_ids=loss_group_ids, num_groups=num_groups,
         )

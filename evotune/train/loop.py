@@ -51,8 +51,12 @@ from evotune.parallel.mesh import ParallelMesh, build_mesh
 from evotune.parallel.ulysses import check_heads, shard_row
 from evotune.parallel.zero import ZeroSettings
 from evotune.train import metrics as M
+from evotune.train.evaluate import build_sample_evaluator
 from evotune.train.progress import Progress
 from evotune.train.schedule import build_scheduler
+from evotune.train.tensorboard import build_visualizer
+from evotune.train.type_loss import TypeLoss
+from evotune.train.validate import Validator
 
 MODEL_INPUTS = ("input_ids", "position_ids", "loss_index", "loss_labels", "loss_weight",
                 "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
@@ -88,16 +92,6 @@ def build_data(cfg: dict, dp_size: int, dp_rank: int):
     sampler = build(loader_cfg.get("sampler", {"type": "SequenceParallelSampler"}),
                     dataset=dataset, dp_size=dp_size, dp_rank=dp_rank, micro_num=micro_num)
     return dataset, sampler
-
-
-def check_vocab(dataset, llm, where: str) -> None:
-    vocab = llm.get_input_embeddings().num_embeddings
-    max_id = getattr(dataset, "max_token_id", None)
-    if max_id is not None and max_id >= vocab:
-        raise EvotuneError(
-            f"{where}: token id {max_id} does not fit the model's vocabulary of {vocab}; "
-            f"the data was tokenized for another model (check pretrained_model_name_or_path)"
-        )
 
 
 def total_steps(cfg: dict, steps_per_epoch: int) -> int:
@@ -152,7 +146,7 @@ def train(cfg: dict, work_dir: str, env: DistEnv, *, seed: int | None = None,
         raise EvotuneError(f"dataset_folder '{cfg.get('dataset_folder')}': no pack of max_length tokens could be made")
     model = build(cfg["model"])
     llm = model.llm
-    check_vocab(dataset, llm, f"dataset_folder '{cfg.get('dataset_folder')}'")
+    dataset.check_vocab_size(llm.get_input_embeddings().num_embeddings)
     heads = llm.config.num_attention_heads
     check_heads(heads, getattr(llm.config, "num_key_value_heads", None) or heads, pmesh.sp_size,
                 where=f"model '{cfg.get('pretrained_model_name_or_path')}'")
@@ -196,7 +190,13 @@ def train(cfg: dict, work_dir: str, env: DistEnv, *, seed: int | None = None,
     if env.is_main and loaded:
         _trim_metrics(metrics_path, state.step)
     writer = M.MetricsWriter(metrics_path, enabled=env.is_main, append=loaded is not None)
-    progress = Progress(n_steps, enabled=env.is_main)
+    visualizer = build_visualizer(cfg.get("visualizer"), work_dir, enabled=env.is_main)
+    progress = Progress(n_steps, enabled=env.is_main, start=state.step)
+    tokenizer = build(cfg["tokenizer"]) if cfg.get("evaluation_inputs") and cfg.get("tokenizer") else None
+    samples = build_sample_evaluator(cfg, work_dir, tokenizer, is_main=env.is_main, append=loaded is not None,
+                                     print_fn=progress.print, device=env.device)
+    validator = Validator(cfg, pmesh, env.device) if cfg.get("valid_folder") else None
+    type_loss = TypeLoss(dataset.type_names, env.device) if dataset.type_names else None
     global_batch = pmesh.dp_size * batch_size * accum
     progress.print(
         f"evotune: {len(dataset)} packs of {dataset.packed_length} tokens, {sampler.steps_per_epoch} steps/epoch, "
@@ -218,11 +218,13 @@ def train(cfg: dict, work_dir: str, env: DistEnv, *, seed: int | None = None,
     last_loss = float("nan")
     saved_step = state.step if loaded else None
     try:
+        if samples:
+            samples.run(model, state.step)
         while state.step < n_steps:
             t0 = time.perf_counter()
             step = next(loader)
             step_loss, tokens, doc_lengths = _train_step(model, step.micro_batches, env, pmesh, strategy,
-                                                         accum, loss_reduction)
+                                                         accum, loss_reduction, type_loss)
             grad_norm = clip_grad_norm_(model.parameters(), max_norm)
             optimizer.step()
             lr = scheduler.get_last_lr()[0]
@@ -246,10 +248,18 @@ def train(cfg: dict, work_dir: str, env: DistEnv, *, seed: int | None = None,
             }
             if peak:
                 record["mfu"] = stats[2] / env.world_size / elapsed / (peak * 1e12)
+            if type_loss:
+                record.update(type_loss.reduce())  # all ranks: one all-reduce
+            if validator and validator.due(state.step, n_steps):
+                record.update(validator.run(model))
             writer.write(record)
+            if visualizer:
+                visualizer.write(record)
             if state.step % log_interval == 0 or state.step == n_steps:
                 progress.log(record)
             progress.advance()
+            if samples and samples.due(state.step, n_steps):
+                samples.run(model, state.step)
             if save_interval and state.step % save_interval == 0:
                 _save(ckpt_root, state, model, optimizer, scheduler, keep, llm, pmesh, strategy, env, progress)
                 saved_step = state.step
@@ -259,6 +269,8 @@ def train(cfg: dict, work_dir: str, env: DistEnv, *, seed: int | None = None,
         loader.close()
         progress.close()
         writer.close()
+        if visualizer:
+            visualizer.close()
 
     hf_dir = os.path.join(work_dir, "hf")
     _export(model, llm, cfg, hf_dir, env, export_dtype)
@@ -267,7 +279,7 @@ def train(cfg: dict, work_dir: str, env: DistEnv, *, seed: int | None = None,
 
 
 def _train_step(model, micro_batches: list[dict], env: DistEnv, pmesh: ParallelMesh, strategy, accum: int,
-                loss_reduction: str):
+                loss_reduction: str, type_loss: TypeLoss | None = None):
     """Forward/backward over the step's micro-batches; returns (loss, tokens, doc lengths) of this rank."""
     if loss_reduction == "token":
         n_loss = torch.tensor(float(sum(mb["num_loss_tokens"] for mb in micro_batches)), dtype=torch.float64,
@@ -284,7 +296,12 @@ def _train_step(model, micro_batches: list[dict], env: DistEnv, pmesh: ParallelM
                   for k in MODEL_INPUTS}
         if pmesh.sp_size > 1:
             inputs["sp_group"] = pmesh.sp_group
-        loss = model(**inputs) * scale
+        if type_loss:
+            loss, group_sums = model(**inputs, **type_loss.model_inputs(mb))
+            type_loss.add(group_sums, mb)
+        else:
+            loss = model(**inputs)
+        loss = loss * scale
         (loss * pmesh.sp_size).backward()
         total += loss.detach()
         tokens += mb["num_tokens"]

@@ -20,17 +20,18 @@ def _fmt_time(seconds: float) -> str:
 
 
 class Progress:
-    def __init__(self, total: int, enabled: bool = True):
+    def __init__(self, total: int, enabled: bool = True, start: int = 0):
         self.total = total
         self.enabled = enabled
-        self.done = 0
+        self.first = start  # a resumed run starts counting here
+        self.done = start
         self.start = time.perf_counter()
         self.console = Console(file=sys.stdout, highlight=False)
         self._bar = None
         if enabled and self.console.is_terminal:
             self._bar = RichProgress(TextColumn("train"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                                      console=self.console, transient=True)
-            self._task = self._bar.add_task("train", total=total)
+            self._task = self._bar.add_task("train", total=total, completed=start)
             self._bar.start()
 
     def print(self, text: str) -> None:
@@ -41,12 +42,15 @@ class Progress:
         if not self.enabled:
             return
         elapsed = time.perf_counter() - self.start
-        eta = elapsed / max(self.done + 1, 1) * (self.total - self.done - 1)
+        eta = elapsed / (self.done + 1 - self.first) * (self.total - self.done - 1)
         line = (f"step {r['step']}/{self.total}  loss {r['loss']:.4f}  lr {r['lr']:.3e}  "
                 f"grad_norm {r['grad_norm']:.3f}  tokens {r['tokens']}  tgs {r['tgs']:.1f}  "
                 f"data {r['data_time'] * 1000:.1f}ms")
         if "mfu" in r:
             line += f"  mfu {100 * r['mfu']:.1f}%"
+        for key, value in r.items():
+            if key.startswith(("loss/", "val_loss/")):
+                line += f"  {key} {value:.4f}"
         self.print(line + f"  eta {_fmt_time(eta)}")
 
     def advance(self) -> None:

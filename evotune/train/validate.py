@@ -1,0 +1,65 @@
+"""Validation loss per validation set, every ``evaluation_freq`` steps.
+
+``valid_folder`` holds one set per leaf folder
+(:func:`evotune.data.packing.build_valid_datasets`), packed like the training
+data. The loss of a set is the mean cross-entropy over all its supervised
+tokens (token-weighted, so it does not depend on how the set is packed or
+split over ranks; InternEvo averages per-batch means instead). Packs are dealt
+round-robin to data-parallel ranks; every rank runs the same number of
+forwards (a rank short of packs repeats one with zero weight), because FSDP
+forwards are collective. Sequence-parallel ranks shard each row as in training.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from evotune.data.collate import packed_collate
+from evotune.data.packing import build_valid_datasets
+from evotune.parallel.ulysses import shard_row
+
+INPUTS = ("input_ids", "position_ids", "loss_index", "loss_labels", "cu_seq_lens_q", "cu_seq_lens_k",
+          "max_length_q", "max_length_k")
+
+
+class Validator:
+    def __init__(self, cfg: dict, pmesh, device: torch.device):
+        self.sets = build_valid_datasets(
+            cfg["valid_folder"], cfg["train_dataset"]["packed_length"],
+            max_length_per_sample=cfg["train_dataset"].get("max_length_per_sample"),
+            pack_sample_into_one=cfg["train_dataset"].get("pack_sample_into_one", False),
+            min_length=cfg.get("min_length", 0))
+        self.freq = cfg.get("evaluation_freq")
+        self.pmesh = pmesh
+        self.device = device
+
+    def due(self, step: int, n_steps: int) -> bool:
+        """After optimizer step ``step`` (1-based): every ``evaluation_freq`` steps and at the last."""
+        return step == n_steps or bool(self.freq) and step % self.freq == 0
+
+    @torch.no_grad()
+    def run(self, model: torch.nn.Module) -> dict[str, float]:
+        """``{"val_loss/<set>": loss}``; must be called on every rank."""
+        was_training = model.training
+        model.eval()
+        pm = self.pmesh
+        sums = torch.zeros(2 * len(self.sets), dtype=torch.float64, device=self.device)
+        for s, ds in enumerate(self.sets.values()):
+            mine = list(range(pm.dp_rank, len(ds), pm.dp_size))
+            rounds = -(-len(ds) // pm.dp_size)
+            for r in range(rounds):
+                real = r < len(mine)
+                batch = shard_row(packed_collate([ds[mine[r] if real else 0]], "token"), pm.sp_rank, pm.sp_size)
+                inputs = {k: batch[k].to(self.device) if isinstance(batch[k], torch.Tensor) else batch[k]
+                          for k in INPUTS}
+                inputs["loss_weight"] = batch["loss_weight"].to(self.device) * float(real)
+                if pm.sp_size > 1:
+                    inputs["sp_group"] = pm.sp_group
+                sums[2 * s] += model(**inputs).double()
+                sums[2 * s + 1] += batch["num_loss_tokens"] * float(real)
+        if dist.is_initialized():
+            dist.all_reduce(sums)
+        model.train(was_training)
+        return {f"val_loss/{name}": float(sums[2 * s] / max(float(sums[2 * s + 1]), 1.0))
+                for s, name in enumerate(self.sets)}
