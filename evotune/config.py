@@ -38,7 +38,7 @@ SETTINGS = {
     "eps", "weight_decay", "max_norm", "warm_up_ratio", "min_lr_ratio", "loss_reduction",
     "label_smoothing",
     # parallel
-    "sequence_parallel_size", "activation_checkpointing",
+    "sequence_parallel_size", "activation_checkpointing", "torch_compile",
     # saving, logging, evaluation
     "save_steps", "save_total_limit", "save_format", "log_interval", "evaluation_freq",
     "evaluation_inputs", "max_new_tokens", "visualizer",

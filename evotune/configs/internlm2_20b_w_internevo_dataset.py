@@ -29,6 +29,8 @@ warm_up_ratio = 0.025
 
 # Parallel
 sequence_parallel_size = 2  # 2 ranks share each 32k pack: activations per GPU halve; dp = world / 2
+activation_checkpointing = 'full'  # 'full' | 'selective' (faster, more memory) | 'none'
+torch_compile = False  # True: torch.compile each decoder layer (GPU)
 
 # Save
 save_steps = 500
@@ -42,6 +44,8 @@ tokenizer = dict(type=load_tokenizer, path=pretrained_model_name_or_path)
 model = dict(
     type=SupervisedFinetune,
     use_varlen_attn=use_varlen_attn,
+    activation_checkpointing=activation_checkpointing,
+    torch_compile=torch_compile,
     llm=dict(type=load_model, path=pretrained_model_name_or_path, dtype='bfloat16'))
 
 #######################################################################

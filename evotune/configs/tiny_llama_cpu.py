@@ -29,6 +29,8 @@ warm_up_ratio = 0.05
 
 # Parallel
 sequence_parallel_size = 1
+activation_checkpointing = 'full'  # 'full' | 'selective' (faster, more memory) | 'none'
+torch_compile = False  # True: torch.compile each decoder layer (GPU)
 
 # Evaluate: greedy answers to these prompts at start, every evaluation_freq steps, at end
 evaluation_freq = 100
@@ -47,6 +49,8 @@ tokenizer = dict(type=load_tokenizer, path=pretrained_model_name_or_path)
 model = dict(
     type=SupervisedFinetune,
     use_varlen_attn=use_varlen_attn,
+    activation_checkpointing=activation_checkpointing,
+    torch_compile=torch_compile,
     llm=dict(type=load_model, path=pretrained_model_name_or_path, dtype='float32'))
 
 #######################################################################

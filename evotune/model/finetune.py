@@ -15,6 +15,8 @@ from torch import nn
 
 from evotune.config import build
 from evotune.model.attention import register as register_varlen
+from evotune.model.checkpointing import set_activation_checkpointing
+from evotune.model.compile import compile_decoder_layers
 from evotune.model.loss import DEFAULT_CHUNK_TOKENS, chunked_cross_entropy
 
 
@@ -25,13 +27,18 @@ class SupervisedFinetune(nn.Module):
     and positions restart per document; ``False`` (XTuner's meaning): plain
     causal attention over the whole packed row with positions 0..P-1, so
     documents see each other.
+    ``activation_checkpointing``: ``'full'`` (or True, the default), ``'selective'``
+    or ``'none'`` (or False), see :mod:`evotune.model.checkpointing`.
+    ``torch_compile``: False, True or a dict of ``torch.compile`` options; compiles
+    each decoder layer (:mod:`evotune.model.compile`).
     """
 
     def __init__(
         self,
         llm,
         use_varlen_attn: bool = True,
-        activation_checkpointing: bool = True,
+        activation_checkpointing: bool | str = True,
+        torch_compile: bool | dict = False,
         loss_chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
         label_smoothing: float = 0.0,
     ):
@@ -42,12 +49,9 @@ class SupervisedFinetune(nn.Module):
         self.label_smoothing = label_smoothing
         self.llm.set_attn_implementation(register_varlen())
         self.llm.config.use_cache = False
-        if activation_checkpointing:
-            kwargs = {"use_reentrant": False}
-            if hasattr(self.llm, "activation_checkpointing_enable"):  # transformers >= 5.x
-                self.llm.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-            else:
-                self.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        self.activation_checkpointing = set_activation_checkpointing(self.llm, activation_checkpointing)
+        if torch_compile:
+            compile_decoder_layers(self.llm, **(torch_compile if isinstance(torch_compile, dict) else {}))
 
     def forward(
         self,

@@ -52,6 +52,7 @@ from evotune.parallel.ulysses import check_heads, shard_row
 from evotune.parallel.zero import ZeroSettings
 from evotune.train import metrics as M
 from evotune.train.evaluate import build_sample_evaluator
+from evotune.train.optim import build_optimizer
 from evotune.train.progress import Progress
 from evotune.train.schedule import build_scheduler
 from evotune.train.tensorboard import build_visualizer
@@ -158,7 +159,8 @@ def train(cfg: dict, work_dir: str, env: DistEnv, *, seed: int | None = None,
     model.train()
 
     optim_cfg = cfg["optim_wrapper"]
-    optimizer = build(optim_cfg["optimizer"], params=[p for p in model.parameters() if p.requires_grad])
+    optimizer = build_optimizer(optim_cfg["optimizer"], [p for p in model.parameters() if p.requires_grad],
+                                env.device)
     max_norm = (optim_cfg.get("clip_grad") or {}).get("max_norm")
     if zero is not None and zero.gradient_clipping is not None:
         max_norm = zero.gradient_clipping
