@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -162,22 +163,30 @@ def test_token_ids_beyond_vocab_are_rejected_before_training(tmp_path, tiny_llam
     assert not (tmp_path / "w" / "hf").exists()
 
 
-def test_samples_validation_and_per_type_loss_during_training(tmp_path):
-    """evaluation_inputs, valid_folder and type_ids reach the metrics and eval_samples.jsonl."""
-    from transformers import AutoModelForCausalLM
-
+@pytest.fixture(scope="module")
+def chat_run(tmp_path_factory):
+    """A tiny model with a tokenizer, two data types, two validation sets, and its config options."""
     from evotune.demo import build_model, build_tokenizer
 
+    root = tmp_path_factory.mktemp("chat_run")
     texts = [f"item {i} is {'even' if i % 2 == 0 else 'odd'} and {i * 3} is its triple." for i in range(300)]
-    model_dir = str(tmp_path / "model")
+    model_dir = str(root / "model")
     tok = build_tokenizer(texts, model_dir, vocab_size=300)
     build_model(len(tok), model_dir, hidden=64, layers=2)
     enc = [[tok.bos_token_id] + tok.encode(t, add_special_tokens=False) + [tok.eos_token_id] for t in texts]
-    data = write_folder(tmp_path / "train", {"cn/a/x.bin": enc[:120], "en/b/y.bin": enc[120:260]})
-    write_folder(tmp_path / "valid", {"set1/v.bin": enc[260:], "set2/w.bin": enc[260:280]})
-    cfg = write_config(tmp_path, model_dir, data, steps=6)
-    extra = [f"valid_folder={str(tmp_path / 'valid')!r}", "evaluation_freq=4", "max_new_tokens=5",
+    data = write_folder(root / "train", {"cn/a/x.bin": enc[:120], "en/b/y.bin": enc[120:260]})
+    write_folder(root / "valid", {"set1/v.bin": enc[260:], "set2/w.bin": enc[260:280]})
+    cfg = write_config(root, model_dir, data, steps=6)
+    extra = [f"valid_folder={str(root / 'valid')!r}", "evaluation_freq=4", "max_new_tokens=5",
              "evaluation_inputs=['item 4 is', 'item 7 is']"]
+    return root, cfg, extra
+
+
+def test_samples_validation_and_per_type_loss_during_training(chat_run, tmp_path):
+    """evaluation_inputs, valid_folder and type_ids reach the metrics and eval_samples.jsonl."""
+    from transformers import AutoModelForCausalLM
+
+    root, cfg, extra = chat_run
     work = tmp_path / "work"
     assert cli_main(["train", cfg, "--work-dir", str(work), "--cfg-options", *extra]) == 0
 
@@ -197,7 +206,7 @@ def test_samples_validation_and_per_type_loss_during_training(tmp_path):
 
     trained = AutoModelForCausalLM.from_pretrained(work / "hf", dtype=torch.float32)
     trained.set_attn_implementation("eager")
-    ds = build_valid_datasets(str(tmp_path / "valid"), 64)["set1"]
+    ds = build_valid_datasets(str(root / "valid"), 64)["set1"]
     total, count = 0.0, 0
     with torch.no_grad():
         for i in range(len(ds)):
@@ -206,3 +215,28 @@ def test_samples_validation_and_per_type_loss_during_training(tmp_path):
             n = int((pack["labels"] != -100).sum())
             total, count = total + mean * n, count + n
     assert rows[-1]["val_loss/set1"] == pytest.approx(total / count, rel=1e-5)
+
+
+def test_samples_and_validation_on_two_zero3_ranks(chat_run, tmp_path):
+    """2 gloo ranks with ZeRO-3 vs 1 rank with twice the accumulation: same samples, validation and
+    per-type losses, no deadlock."""
+    root, cfg, extra = chat_run
+    single, double = tmp_path / "one", tmp_path / "two"
+    assert cli_main(["train", cfg, "--work-dir", str(single), "--cfg-options", *extra, "accumulative_counts=2"]) == 0
+    env = {**os.environ, "NPROC_PER_NODE": "2", "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, "-m", "evotune.cli", "train", cfg, "--work-dir", str(double), "--device",
+                          "cpu", "--deepspeed", "deepspeed_zero3", "--cfg-options", *extra, "accumulative_counts=1"],
+                         capture_output=True, text=True, timeout=300, env=env, cwd=Path(__file__).resolve().parents[1])
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    samples = [[json.loads(line) for line in (w / "eval_samples.jsonl").read_text().splitlines()]
+               for w in (single, double)]
+    assert [s["step"] for s in samples[1]] == [0, 0, 4, 4, 6, 6]
+    assert samples[0] == samples[1]
+    one, two = _metrics(single), _metrics(double)
+    assert [r["step"] for r in two] == list(range(1, 7))
+    keys = {k for r in one for k in r if k.startswith(("loss", "val_loss/"))}
+    assert {"loss/cn", "loss/en", "val_loss/set1", "val_loss/set2"} <= keys
+    for a, b in zip(one, two):
+        assert set(a) & keys == set(b) & keys
+        for k in set(a) & keys:
+            assert a[k] == pytest.approx(b[k], rel=1e-5), k
