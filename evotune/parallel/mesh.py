@@ -40,11 +40,6 @@ class ParallelMesh:
     sp_rank: int
 
     @property
-    def dp_group(self) -> dist.ProcessGroup | None:
-        """The data-parallel group (for loss and token counts); None without a mesh."""
-        return self.mesh.get_group("dp") if self.mesh is not None else None
-
-    @property
     def sp_group(self) -> dist.ProcessGroup | None:
         """The sequence-parallel group (passed to the model's attention); None when sp is 1."""
         return self.mesh.get_group("sp") if self.sp_size > 1 else None
