@@ -174,7 +174,7 @@ def _fsdp_worker(rank: int, world: int, port: int, chat_dir: str, work_dir: str,
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=20))
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=180))  # slow imports on a loaded machine
     try:
         tok = load_tokenizer(chat_dir)
         model = wrapped_model(chat_dir)
