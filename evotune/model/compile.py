@@ -19,22 +19,12 @@ from __future__ import annotations
 
 from torch import nn
 
-from evotune.errors import EvotuneError
-
-
-def decoder_layers(llm: nn.Module) -> list[nn.Module]:
-    """The repeated blocks of a transformers model (its ``GradientCheckpointingLayer`` modules)."""
-    from transformers.modeling_layers import GradientCheckpointingLayer
-
-    return [m for m in llm.modules() if isinstance(m, GradientCheckpointingLayer)]
+from evotune.model.layers import decoder_layers
 
 
 def compile_decoder_layers(llm: nn.Module, **compile_kwargs) -> int:
     """``layer.compile(**compile_kwargs)`` for every decoder layer; returns how many were compiled."""
-    layers = decoder_layers(llm)
-    if not layers:
-        raise EvotuneError(f"compile: {type(llm).__name__} has no transformers decoder layers to compile; "
-                           f"set compile=False for this model")
+    layers = decoder_layers(llm, "torch_compile compiles each one; set torch_compile=False for this model")
     for layer in layers:
         layer.compile(**compile_kwargs)
     return len(layers)

@@ -45,7 +45,7 @@ from torch import nn
 from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
-from evotune.errors import EvotuneError
+from evotune.model.layers import decoder_layers
 from evotune.parallel.mesh import ParallelMesh
 from evotune.parallel.zero import ZeroSettings
 
@@ -84,18 +84,6 @@ def uses_fsdp(pmesh: ParallelMesh) -> bool:
     return pmesh.mesh is not None
 
 
-def decoder_layers(llm: nn.Module) -> list[nn.Module]:
-    """The repeated blocks of a transformers model (its ``_no_split_modules`` classes)."""
-    names = set(getattr(llm, "_no_split_modules", None) or ())
-    layers = [m for m in llm.modules() if type(m).__name__ in names]
-    if not layers:
-        layers = list(getattr(getattr(llm, "base_model", llm), "layers", []))
-    if not layers:
-        raise EvotuneError(f"cannot find the decoder layers of {type(llm).__name__} to shard "
-                           "(no _no_split_modules and no base_model.layers)")
-    return layers
-
-
 def _upcast_(module: nn.Module) -> None:
     """fp32 master weights, in place (parameters keep their identity)."""
     for p in module.parameters():
@@ -114,7 +102,7 @@ def parallelize(model: nn.Module, pmesh: ParallelMesh, strategy: Strategy, devic
                               reduce_dtype=torch.float32)
     offload = CPUOffloadPolicy(pin_memory=strategy.pin_memory and device.type == "cuda") if strategy.offload \
         else OffloadPolicy()
-    for layer in decoder_layers(model.llm):
+    for layer in decoder_layers(model.llm, "FSDP shards each one"):
         _upcast_(layer)
         fully_shard(layer, mesh=mesh, reshard_after_forward=strategy.reshard_after_forward,
                     mp_policy=mp, offload_policy=offload)
