@@ -44,24 +44,29 @@ def _row(packs: list[dict]) -> dict:
     return row
 
 
-def micro_batches(cfg: dict, steps: int, world_size: int = 1, rank: int = 0):
-    """Yield ``(step, micro, row)`` for ``steps`` optimizer steps of global rank ``rank``."""
+def build_data(cfg: dict, dp_size: int, dp_rank: int):
+    """``(dataset, sampler)`` of data-parallel rank ``dp_rank``: what training builds from the config."""
     from evotune.config import build
     from evotune.data.sampler import SequenceParallelSampler
 
+    if "train_dataset" not in cfg:
+        raise EvotuneError("the config has no train_dataset")
+    dataset = build(cfg["train_dataset"])
+    micro_num = int(cfg.get("batch_size", 1) or 1) * int(cfg.get("accumulative_counts", 1) or 1)
+    spec = (cfg.get("train_dataloader") or {}).get("sampler") or {"type": SequenceParallelSampler}
+    return dataset, build(spec, dataset=dataset, dp_size=dp_size, dp_rank=dp_rank, micro_num=micro_num)
+
+
+def micro_batches(cfg: dict, steps: int, world_size: int = 1, rank: int = 0):
+    """Yield ``(step, micro, row)`` for ``steps`` optimizer steps of global rank ``rank``."""
     sp = int(cfg.get("sequence_parallel_size", 1) or 1)
     if world_size < 1 or world_size % sp:
         raise EvotuneError(f"--world-size {world_size} must be a positive multiple of sequence_parallel_size {sp}")
     if not 0 <= rank < world_size:
         raise EvotuneError(f"--rank {rank} must lie in [0, --world-size {world_size})")
-    if "train_dataset" not in cfg:
-        raise EvotuneError("the config has no train_dataset")
     batch_size = int(cfg.get("batch_size", 1) or 1)
     accum = int(cfg.get("accumulative_counts", 1) or 1)
-    dataset = build(cfg["train_dataset"])
-    spec = (cfg.get("train_dataloader") or {}).get("sampler") or {"type": SequenceParallelSampler}
-    sampler = build(spec, dataset=dataset, dp_size=world_size // sp, dp_rank=rank // sp,
-                    micro_num=batch_size * accum)
+    dataset, sampler = build_data(cfg, world_size // sp, rank // sp)
     stream = iter(sampler)
     for step in range(steps):
         for micro in range(accum):

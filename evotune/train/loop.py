@@ -42,6 +42,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from evotune.checkpoint import dcp
 from evotune.checkpoint.hf import save_hf
 from evotune.config import build
+from evotune.data.batches import build_data
 from evotune.data.collate import packed_collate
 from evotune.data.loader import StepLoader
 from evotune.errors import EvotuneError
@@ -83,16 +84,6 @@ def _all_reduce(value: torch.Tensor, pmesh: ParallelMesh) -> torch.Tensor:
     if pmesh.dp_size * pmesh.sp_size > 1:
         dist.all_reduce(value)
     return value
-
-
-def build_data(cfg: dict, dp_size: int, dp_rank: int):
-    """The packed dataset and this rank's sampler, from the config."""
-    dataset = build(cfg["train_dataset"])
-    loader_cfg = cfg.get("train_dataloader", {})
-    micro_num = cfg.get("batch_size", 1) * cfg.get("accumulative_counts", 1)
-    sampler = build(loader_cfg.get("sampler", {"type": "SequenceParallelSampler"}),
-                    dataset=dataset, dp_size=dp_size, dp_rank=dp_rank, micro_num=micro_num)
-    return dataset, sampler
 
 
 def total_steps(cfg: dict, steps_per_epoch: int) -> int:
