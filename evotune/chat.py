@@ -52,11 +52,9 @@ class Chat:
         from evotune.train.evaluate import greedy_generate
 
         self.history.append({"role": "user", "content": text})
-        stop = self.prompts.stop_ids
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else (stop or [0])[0]
         streamer = TextStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
         ids = greedy_generate(self.model, [self.prompts(self.history)], max_new_tokens=self.max_new_tokens,
-                              stop_ids=stop, pad_id=pad, streamer=streamer)[0]
+                              stop_ids=self.prompts.stop_ids, pad_id=self.prompts.pad_id, streamer=streamer)[0]
         answer = self.tokenizer.decode(ids, skip_special_tokens=True)
         self.history.append({"role": "assistant", "content": answer})
         return answer

@@ -89,6 +89,12 @@ class PromptEncoder:
             stops.append(self._split([{"role": "user", "content": _PLACEHOLDER}])[1])
         self.stop_ids = sorted(set(stops))
 
+    @property
+    def pad_id(self) -> int:
+        """Left padding of a batch of prompts: the tokenizer's pad token, else the first stop id, else 0."""
+        pad = self.tokenizer.pad_token_id
+        return pad if pad is not None else (self.stop_ids or [0])[0]
+
     def _split(self, messages: list[dict]) -> tuple[list[int], int]:
         """(prompt ids, end-of-turn id): render with a placeholder reply, cut before the reply."""
         from evotune.data.templates import RecordError
@@ -204,11 +210,19 @@ def generate_samples(model: torch.nn.Module, tokenizer, inputs: Sequence[str], *
 
     With an FSDP-sharded model every rank must call this with the same inputs.
     """
-    prompts = PromptEncoder(tokenizer, template, system)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (prompts.stop_ids or [0])[0]
+    return _answers(model, PromptEncoder(tokenizer, template, system), inputs, max_new_tokens, device)
+
+
+def _answers(model: torch.nn.Module, prompts: PromptEncoder, inputs: Sequence[str], max_new_tokens: int,
+             device: torch.device | str | None) -> list[str]:
     outputs = greedy_generate(model, [prompts(text) for text in inputs], max_new_tokens=max_new_tokens,
-                              stop_ids=prompts.stop_ids, pad_id=pad_id, device=device)
-    return [tokenizer.decode(ids, skip_special_tokens=True) for ids in outputs]
+                              stop_ids=prompts.stop_ids, pad_id=prompts.pad_id, device=device)
+    return [prompts.tokenizer.decode(ids, skip_special_tokens=True) for ids in outputs]
+
+
+def is_due(step: int, n_steps: int, freq: int | None) -> bool:
+    """After optimizer step ``step`` (1-based): every ``freq`` steps (None: never) and at the last step."""
+    return step == n_steps or bool(freq) and step % freq == 0
 
 
 class SampleEvaluator:
@@ -219,9 +233,7 @@ class SampleEvaluator:
                  freq: int | None = None, is_main: bool = True, append: bool = False,
                  print_fn: Callable[[str], None] = print, device: torch.device | str | None = None):
         self.prompts = PromptEncoder(tokenizer, template, system)  # checks the template now, not at step 0
-        self.tokenizer = tokenizer
         self.inputs = list(inputs)
-        self.system, self.template = system, template
         self.max_new_tokens = max_new_tokens
         self.freq = freq
         self.is_main = is_main
@@ -233,13 +245,11 @@ class SampleEvaluator:
             open(self.path, "w", encoding="utf-8").close()
 
     def due(self, step: int, n_steps: int) -> bool:
-        """After optimizer step ``step`` (1-based): every ``freq`` steps and at the last step."""
-        return step == n_steps or bool(self.freq) and step % self.freq == 0
+        return is_due(step, n_steps, self.freq)
 
     def run(self, model: torch.nn.Module, step: int) -> list[str]:
         """Answer every input now (all ranks); rank 0 prints and appends them to eval_samples.jsonl."""
-        outputs = generate_samples(model, self.tokenizer, self.inputs, system=self.system, template=self.template,
-                                   max_new_tokens=self.max_new_tokens, device=self.device)
+        outputs = _answers(model, self.prompts, self.inputs, self.max_new_tokens, self.device)
         if self.is_main:
             with open(self.path, "a", encoding="utf-8") as f:
                 for text, out in zip(self.inputs, outputs):
@@ -251,7 +261,7 @@ class SampleEvaluator:
         return outputs
 
 
-def _positive_int(cfg: dict, key: str, default):
+def positive_int(cfg: dict, key: str, default):
     value = cfg.get(key, default)
     if value is None:
         return None
@@ -274,6 +284,6 @@ def build_sample_evaluator(cfg: dict, work_dir: str, tokenizer, *, is_main: bool
         raise EvotuneError("evaluation_inputs needs a tokenizer: set tokenizer = dict(type=load_tokenizer, path=...) "
                            "to a folder with tokenizer files")
     return SampleEvaluator(tokenizer, inputs, work_dir, system=cfg.get("SYSTEM"), template=cfg.get("prompt_template"),
-                           max_new_tokens=_positive_int(cfg, "max_new_tokens", DEFAULT_MAX_NEW_TOKENS),
-                           freq=_positive_int(cfg, "evaluation_freq", None), is_main=is_main, append=append,
+                           max_new_tokens=positive_int(cfg, "max_new_tokens", DEFAULT_MAX_NEW_TOKENS),
+                           freq=positive_int(cfg, "evaluation_freq", None), is_main=is_main, append=append,
                            print_fn=print_fn, device=device)
