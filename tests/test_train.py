@@ -6,7 +6,6 @@ import json
 import os
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -161,6 +160,17 @@ def test_token_ids_beyond_vocab_are_rejected_before_training(tmp_path, tiny_llam
     assert out.returncode != 0 and "Traceback" not in out.stderr
     assert "500" in out.stderr and "128" in out.stderr
     assert not (tmp_path / "w" / "hf").exists()
+
+
+@pytest.mark.parametrize("freq", ["4", 0, 2.5])
+def test_bad_evaluation_freq_with_validation_only_names_the_key(tmp_path, freq):
+    """Without evaluation_inputs the validation loss alone reads evaluation_freq: checked at start-up too."""
+    from evotune.errors import EvotuneError
+    from evotune.train.validate import Validator
+
+    cfg = {"valid_folder": str(tmp_path), "train_dataset": {"packed_length": 64}, "evaluation_freq": freq}
+    with pytest.raises(EvotuneError, match="^evaluation_freq: expected a positive integer"):
+        Validator(cfg, pmesh=None, device=torch.device("cpu"))
 
 
 @pytest.fixture(scope="module")

@@ -15,28 +15,24 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from evotune.data.collate import packed_collate
+from evotune.data.collate import model_inputs, packed_collate
 from evotune.data.packing import build_valid_datasets
 from evotune.parallel.ulysses import shard_row
-
-INPUTS = ("input_ids", "position_ids", "loss_index", "loss_labels", "cu_seq_lens_q", "cu_seq_lens_k",
-          "max_length_q", "max_length_k")
-
+from evotune.train.evaluate import is_due, positive_int
 
 class Validator:
     def __init__(self, cfg: dict, pmesh, device: torch.device):
+        self.freq = positive_int(cfg, "evaluation_freq", None)
         self.sets = build_valid_datasets(
             cfg["valid_folder"], cfg["train_dataset"]["packed_length"],
             max_length_per_sample=cfg["train_dataset"].get("max_length_per_sample"),
             pack_sample_into_one=cfg["train_dataset"].get("pack_sample_into_one", False),
             min_length=cfg.get("min_length", 0))
-        self.freq = cfg.get("evaluation_freq")
         self.pmesh = pmesh
         self.device = device
 
     def due(self, step: int, n_steps: int) -> bool:
-        """After optimizer step ``step`` (1-based): every ``evaluation_freq`` steps and at the last."""
-        return step == n_steps or bool(self.freq) and step % self.freq == 0
+        return is_due(step, n_steps, self.freq)
 
     @torch.no_grad()
     def run(self, model: torch.nn.Module) -> dict[str, float]:
@@ -51,11 +47,8 @@ class Validator:
             for r in range(rounds):
                 real = r < len(mine)
                 batch = shard_row(packed_collate([ds[mine[r] if real else 0]], "token"), pm.sp_rank, pm.sp_size)
-                inputs = {k: batch[k].to(self.device) if isinstance(batch[k], torch.Tensor) else batch[k]
-                          for k in INPUTS}
-                inputs["loss_weight"] = batch["loss_weight"].to(self.device) * float(real)
-                if pm.sp_size > 1:
-                    inputs["sp_group"] = pm.sp_group
+                inputs = model_inputs(batch, self.device, pm.sp_group)
+                inputs["loss_weight"] = inputs["loss_weight"] * float(real)
                 sums[2 * s] += model(**inputs).double()
                 sums[2 * s + 1] += batch["num_loss_tokens"] * float(real)
         if dist.is_initialized():
