@@ -27,8 +27,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from peak_memory import PeakMemory  # noqa: E402
-from train_throughput import MODEL_INPUTS, MODELS, llama_config, make_packs, new_llm, packed_batch  # noqa: E402
+from train_throughput import MODELS, llama_config, make_packs, new_llm, packed_batch  # noqa: E402
 
+from evotune.data.collate import model_inputs  # noqa: E402
 from evotune.model.checkpointing import AC_MODES, set_activation_checkpointing  # noqa: E402
 from evotune.model.finetune import SupervisedFinetune  # noqa: E402
 
@@ -61,7 +62,7 @@ def main(argv=None) -> int:
     config = llama_config(args.model, max(args.tokens, args.target_tokens))
     config.vocab_size = 1024  # the head and loss are outside the layers; a small vocabulary keeps the run short
     batch = packed_batch(make_packs(1, args.tokens, config.vocab_size, 0)[0], pin=False)
-    inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in ((k, batch[k]) for k in MODEL_INPUTS)}
+    inputs = model_inputs(batch, device)
     depth = MODELS[args.model]["num_hidden_layers"]
     print(f"# activations kept after forward: {args.model} widths, {args.dtype} "
           f"{'autocast' if dtype != torch.float32 else ''}, row of {args.tokens} tokens, device {device}")

@@ -71,7 +71,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from peak_memory import PeakMemory  # noqa: E402
 
-from evotune.data.collate import packed_collate  # noqa: E402
+from evotune.data.collate import model_inputs, packed_collate  # noqa: E402
 from evotune.model.checkpointing import AC_MODES, set_activation_checkpointing  # noqa: E402
 from evotune.model.compile import compile_decoder_layers  # noqa: E402
 from evotune.model.finetune import SupervisedFinetune  # noqa: E402
@@ -85,8 +85,6 @@ MODELS = {
     "llama-1b": dict(hidden_size=2048, num_hidden_layers=22, num_attention_heads=32, num_key_value_heads=4,
                      intermediate_size=5632, vocab_size=32000),
 }
-MODEL_INPUTS = ("input_ids", "position_ids", "loss_index", "loss_labels", "loss_weight",
-                "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
 PAD_ID = 0
 
 
@@ -212,8 +210,7 @@ class StepContext:
 
 def packed_step(model, ctx: StepContext, batch: dict) -> torch.Tensor:
     """(a)/(b): one row, one forward/backward, one optimizer step; no host-device synchronisation."""
-    inputs = {k: batch[k].to(ctx.device, non_blocking=True) if isinstance(batch[k], torch.Tensor) else batch[k]
-              for k in MODEL_INPUTS}
+    inputs = model_inputs(batch, ctx.device)
     with ctx.autocast():
         loss = model(**inputs)
     loss.backward()

@@ -20,6 +20,9 @@ import numpy as np
 import torch
 
 LOSS_REDUCTIONS = ("pack", "token")
+# the keys of a collated batch that are keyword arguments of SupervisedFinetune.forward
+MODEL_INPUTS = ("input_ids", "position_ids", "loss_index", "loss_labels", "loss_weight",
+                "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
 
 
 def packed_collate(packs: Sequence[dict], loss_reduction: str = "pack") -> dict:
@@ -58,3 +61,13 @@ def packed_collate(packs: Sequence[dict], loss_reduction: str = "pack") -> dict:
         "num_loss_tokens": int(len(loss_index)),
         "doc_lengths": np.diff(cu_seqlens),
     }
+
+
+def model_inputs(batch: dict, device: torch.device, sp_group=None) -> dict:
+    """The forward's keyword arguments of a collated (and sharded) batch, tensors moved to ``device``;
+    ``sp_group``: the sequence-parallel group (None when sp is 1)."""
+    inputs = {k: batch[k].to(device, non_blocking=True) if isinstance(batch[k], torch.Tensor) else batch[k]
+              for k in MODEL_INPUTS}
+    if sp_group is not None:
+        inputs["sp_group"] = sp_group
+    return inputs

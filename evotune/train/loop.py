@@ -43,7 +43,7 @@ from evotune.checkpoint import dcp
 from evotune.checkpoint.hf import save_hf
 from evotune.config import build
 from evotune.data.batches import build_data
-from evotune.data.collate import packed_collate
+from evotune.data.collate import model_inputs, packed_collate
 from evotune.data.loader import StepLoader
 from evotune.errors import EvotuneError
 from evotune.parallel.env import DistEnv
@@ -59,10 +59,6 @@ from evotune.train.schedule import build_scheduler
 from evotune.train.tensorboard import build_visualizer
 from evotune.train.type_loss import TypeLoss
 from evotune.train.validate import Validator
-
-MODEL_INPUTS = ("input_ids", "position_ids", "loss_index", "loss_labels", "loss_weight",
-                "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
-
 
 @dataclass
 class TrainState:
@@ -285,10 +281,7 @@ def _train_step(model, micro_batches: list[dict], env: DistEnv, pmesh: ParallelM
     tokens, doc_lengths = 0, []
     for i, mb in enumerate(micro_batches):
         set_micro_batch(model, strategy, last=i == len(micro_batches) - 1)
-        inputs = {k: (mb[k].to(env.device, non_blocking=True) if isinstance(mb[k], torch.Tensor) else mb[k])
-                  for k in MODEL_INPUTS}
-        if pmesh.sp_size > 1:
-            inputs["sp_group"] = pmesh.sp_group
+        inputs = model_inputs(mb, env.device, pmesh.sp_group)
         if type_loss:
             loss, group_sums = model(**inputs, **type_loss.model_inputs(mb))
             type_loss.add(group_sums, mb)
