@@ -13,7 +13,7 @@ from __future__ import annotations
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Callable
 
 import torch
 
@@ -29,7 +29,7 @@ class StepLoader:
     """Iterator of :class:`Step`; ``micro_num`` micro-batches of ``batch_size`` packs each."""
 
     def __init__(self, dataset, sampler, *, batch_size: int, micro_num: int,
-                 collate: Callable[[list[dict]], dict], pin_memory: bool = False, prefetch: bool = True):
+                 collate: Callable[[list[dict]], dict], pin_memory: bool = False):
         self.dataset = dataset
         self.sampler = sampler
         self.batch_size = batch_size
@@ -37,8 +37,8 @@ class StepLoader:
         self.collate = collate
         self.pin_memory = pin_memory
         self._indices = iter(sampler)
-        self._pool = ThreadPoolExecutor(max_workers=1) if prefetch else None
-        self._next: Future | tuple | None = None
+        self._pool = ThreadPoolExecutor(max_workers=1)
+        self._next: tuple[Future, dict] | None = None
 
     def _take(self) -> tuple[list[list[int]], dict]:
         groups = [[next(self._indices) for _ in range(self.batch_size)] for _ in range(self.micro_num)]
@@ -51,10 +51,8 @@ class StepLoader:
                        for b in batches]
         return batches
 
-    def _submit(self) -> Any:
+    def _submit(self) -> tuple[Future, dict]:
         groups, state = self._take()
-        if self._pool is None:
-            return groups, state
         return self._pool.submit(self._load, groups), state
 
     def __iter__(self):
@@ -63,10 +61,9 @@ class StepLoader:
     def __next__(self) -> Step:
         start = time.perf_counter()
         pending, state = self._next if self._next is not None else self._submit()
-        batches = pending.result() if isinstance(pending, Future) else self._load(pending)
-        self._next = self._submit() if self._pool is not None else None
+        batches = pending.result()
+        self._next = self._submit()
         return Step(batches, state, time.perf_counter() - start)
 
     def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=True, cancel_futures=True)
+        self._pool.shutdown(wait=True, cancel_futures=True)
