@@ -165,42 +165,33 @@ def hf2internevo(src, dst, *, tp: int, pp: int, dtype=None, overwrite: bool = Fa
 
 
 def find_training_checkpoint(src) -> Path:
-    """A DCP step folder: ``src`` itself, or the newest ``<work_dir>/checkpoints/step_<N>``."""
+    """A DCP step folder: ``src`` itself, or the newest ``step_<N>`` of ``<src>/checkpoints`` or of ``src``."""
+    from evotune.checkpoint.dcp import checkpoints_dir, list_checkpoints
+
     p = Path(src)
     if (p / ".metadata").is_file():
         return p
-    root = p / "checkpoints" if (p / "checkpoints").is_dir() else p
-    steps = []
-    for d in root.glob("step_*"):
-        m = re.fullmatch(r"step_(\d+)", d.name)
-        if m and (d / ".metadata").is_file():
-            steps.append((int(m.group(1)), d))
-    if not steps:
+    found = list_checkpoints(checkpoints_dir(str(p))) or list_checkpoints(str(p))
+    if not found:
         raise EvotuneError(
             f"{p} is not an evotune training checkpoint: expected a step folder with .metadata or a work dir "
             "with checkpoints/step_<N>/"
         )
-    return max(steps)[1]
+    return Path(found[-1][1])
 
 
 def _dcp_plan(step_dir: Path) -> dict:
     """The model weights of a DCP checkpoint as a plan (each tensor read on its own, offline)."""
     import warnings
 
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
     from torch.distributed.checkpoint.state_dict_loader import _load_state_dict_from_keys
 
+    from evotune.checkpoint.dcp import model_tensors
     from evotune.checkpoint.hf import Planned
 
-    meta = dcp.FileSystemReader(str(step_dir)).read_metadata()
-    keys = [k for k, m in meta.state_dict_metadata.items()
-            if k.startswith("model.") and isinstance(m, TensorStorageMetadata)]
-    if not keys:
+    tensors = model_tensors(str(step_dir))
+    if not tensors:
         raise EvotuneError(f"{step_dir}: the checkpoint holds no model.* tensors")
-    names = [k.removeprefix("model.") for k in keys]
-    if all(n.startswith("llm.") for n in names):  # SupervisedFinetune wraps the causal LM as .llm
-        names = [n.removeprefix("llm.") for n in names]
 
     def loader(key: str):
         def load():
@@ -211,8 +202,7 @@ def _dcp_plan(step_dir: Path) -> dict:
 
         return load
 
-    return {n: Planned(tuple(meta.state_dict_metadata[k].size), meta.state_dict_metadata[k].properties.dtype,
-                       loader(k)) for n, k in zip(names, keys)}
+    return {name: Planned(tuple(md.size), md.properties.dtype, loader(key)) for name, (key, md) in tensors.items()}
 
 
 def _source_for(step_dir: Path, model_path) -> tuple[dict, object]:

@@ -232,22 +232,31 @@ def load_checkpoint(path: str, *, model, optimizer, scheduler) -> dict:
     return state
 
 
+def model_tensors(path: str) -> dict[str, tuple[str, object]]:
+    """The model tensors of a checkpoint, read from its ``.metadata`` alone:
+    ``{transformers name: (DCP key, TensorStorageMetadata)}``; ``SupervisedFinetune``'s ``llm.`` is stripped."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    metadata = FileSystemReader(path).read_metadata()
+    entries = {key: md for key, md in metadata.state_dict_metadata.items()
+               if key.startswith("model.") and isinstance(md, TensorStorageMetadata)}
+    names = [key.removeprefix("model.") for key in entries]
+    if all(n.startswith("llm.") for n in names):
+        names = [n.removeprefix("llm.") for n in names]
+    return {name: (key, md) for name, (key, md) in zip(names, entries.items())}
+
+
 def read_model_state(path: str) -> dict[str, torch.Tensor]:
     """The full weights of a checkpoint as a transformers state dict (``llm.`` stripped).
 
     Runs in a plain process, no process group, whatever world size saved it.
     """
-    from torch.distributed.checkpoint import FileSystemReader
-    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
-
     if not is_checkpoint(path):
         raise EvotuneError(f"{path}: not an evotune checkpoint (no .metadata or {TRAINER_STATE})")
-    metadata = FileSystemReader(path).read_metadata()
-    model = {}
-    for key, md in metadata.state_dict_metadata.items():
-        if key.startswith("model.") and isinstance(md, TensorStorageMetadata):
-            model[key.removeprefix("model.")] = torch.empty(md.size, dtype=md.properties.dtype)
+    tensors = model_tensors(path)
+    model = {key.removeprefix("model."): torch.empty(md.size, dtype=md.properties.dtype)
+             for key, md in tensors.values()}
     with _single_process_quiet():
         dcp.load({"model": model}, checkpoint_id=path, no_dist=True)
-    return {k.removeprefix("llm."): v for k, v in model.items()}
-
+    return {name: model[key.removeprefix("model.")] for name, (key, _) in tensors.items()}
