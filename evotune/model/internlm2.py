@@ -161,16 +161,21 @@ def _plain_number(x):
     return int(x) if x.is_integer() else x
 
 
+def _wqkv_head_dim(rows: int, heads: int, kv_heads: int, name: str = "wqkv") -> int:
+    """Head dim of a grouped ``wqkv`` with ``rows`` rows: ``rows / (kv_heads * (heads / kv_heads + 2))``."""
+    group_rows = kv_heads * (heads // kv_heads + 2)
+    if rows % group_rows:
+        raise EvotuneError(
+            f"{name} has {rows} rows, not a multiple of num_key_value_heads*(q_per_kv+2) = {group_rows}: "
+            "the config's head counts do not match the weights"
+        )
+    return rows // group_rows
+
+
 def split_wqkv(w: torch.Tensor, heads: int, kv_heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Grouped ``wqkv`` (weight ``[rows, H]`` or bias ``[rows]``) -> q, k, v in Llama head order."""
     g = heads // kv_heads
-    rows = w.shape[0]
-    d = rows // (kv_heads * (g + 2))
-    if d * kv_heads * (g + 2) != rows:
-        raise EvotuneError(
-            f"wqkv has {rows} rows, not a multiple of num_key_value_heads*(q_per_kv+2) = {kv_heads * (g + 2)}: "
-            "the config's head counts do not match the weights"
-        )
+    d = _wqkv_head_dim(w.shape[0], heads, kv_heads)
     grouped = w.reshape(kv_heads, g + 2, d, *w.shape[1:])
     q = grouped[:, :g].reshape(heads * d, *w.shape[1:])
     k = grouped[:, g].reshape(kv_heads * d, *w.shape[1:])
@@ -221,14 +226,7 @@ def plan_internlm2_to_llama(plan: dict[str, Planned], heads: int, kv_heads: int)
         prefix = f"model.layers.{i}."
         if rest in ("attention.wqkv.weight", "attention.wqkv.bias"):
             kind = rest.rsplit(".", 1)[1]
-            g = heads // kv_heads
-            rows = p.shape[0]
-            d = rows // (kv_heads * (g + 2))
-            if d * kv_heads * (g + 2) != rows:
-                raise EvotuneError(
-                    f"{key} has {rows} rows, not a multiple of num_key_value_heads*(q_per_kv+2) = "
-                    f"{kv_heads * (g + 2)}: the config's head counts do not match the weights"
-                )
+            d = _wqkv_head_dim(p.shape[0], heads, kv_heads, key)
             loads = _wqkv_parts(p.load, heads, kv_heads)
             for name, n_heads, load in zip("qkv", (heads, kv_heads, kv_heads), loads):
                 out[f"{prefix}self_attn.{name}_proj.{kind}"] = Planned((n_heads * d, *p.shape[1:]), p.dtype, load)
