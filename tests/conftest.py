@@ -26,6 +26,18 @@ def tiny_llama_config(**overrides):
     return LlamaConfig(**kw)
 
 
+def whole_document_pack(docs: list[list[int]]) -> dict:
+    """One pack holding whole documents, InternEvo labels (next token, -100 at doc end)."""
+    ids, labels, pos, cu = [], [], [], [0]
+    for d in docs:
+        ids += d
+        labels += d[1:] + [-100]
+        pos += list(range(len(d)))
+        cu.append(cu[-1] + len(d))
+    return {"input_ids": np.array(ids), "labels": np.array(labels), "position_ids": np.array(pos),
+            "cu_seqlens": np.array(cu, dtype=np.int32), "type_ids": np.zeros(len(ids), dtype=np.int64)}
+
+
 def make_tiny_llama(seed: int = 0, **overrides):
     from transformers import LlamaForCausalLM
 

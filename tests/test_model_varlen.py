@@ -2,30 +2,13 @@
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
-from evotune.data.collate import packed_collate
+from evotune.data.collate import MODEL_INPUTS, packed_collate
 from evotune.model.finetune import SupervisedFinetune
 from evotune.model.loss import chunked_cross_entropy
-from tests.conftest import make_tiny_llama
-
-MODEL_KEYS = ("input_ids", "position_ids", "loss_index", "loss_labels", "loss_weight",
-              "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
-
-
-def _pack(docs: list[list[int]]) -> dict:
-    """One pack holding whole documents, InternEvo labels (next token, -100 at doc end)."""
-    ids, labels, pos, cu = [], [], [], [0]
-    for d in docs:
-        ids += d
-        labels += d[1:] + [-100]
-        pos += list(range(len(d)))
-        cu.append(cu[-1] + len(d))
-    n = len(ids)
-    return {"input_ids": np.array(ids), "labels": np.array(labels), "position_ids": np.array(pos),
-            "cu_seqlens": np.array(cu, dtype=np.int32), "type_ids": np.zeros(n, dtype=np.int64)}
+from tests.conftest import make_tiny_llama, whole_document_pack
 
 
 def _grads(module) -> dict[str, torch.Tensor]:
@@ -36,8 +19,8 @@ def test_packed_varlen_equals_documents_one_by_one():
     torch.manual_seed(0)
     docs = [torch.randint(3, 128, (n,)).tolist() for n in (7, 19, 1, 12)]
     model = SupervisedFinetune(make_tiny_llama(), use_varlen_attn=True, activation_checkpointing=True)
-    batch = packed_collate([_pack(docs)], "token")
-    loss = model(**{k: batch[k] for k in MODEL_KEYS})
+    batch = packed_collate([whole_document_pack(docs)], "token")
+    loss = model(**{k: batch[k] for k in MODEL_INPUTS})
     loss.backward()
     packed_grads = _grads(model)
 
@@ -62,8 +45,8 @@ def test_varlen_differs_from_plain_causal_over_the_pack():
     """The test above can fail: attention across documents changes the loss."""
     torch.manual_seed(1)
     docs = [torch.randint(3, 128, (n,)).tolist() for n in (9, 14)]
-    batch = packed_collate([_pack(docs)], "token")
-    args = {k: batch[k] for k in MODEL_KEYS}
+    batch = packed_collate([whole_document_pack(docs)], "token")
+    args = {k: batch[k] for k in MODEL_INPUTS}
     varlen = SupervisedFinetune(make_tiny_llama(), use_varlen_attn=True)(**args)
     plain = SupervisedFinetune(make_tiny_llama(), use_varlen_attn=False)(**args)
     assert abs(varlen.item() - plain.item()) > 1e-3
@@ -71,14 +54,14 @@ def test_varlen_differs_from_plain_causal_over_the_pack():
 
 def test_pack_reduction_is_mean_per_pack():
     torch.manual_seed(2)
-    packs = [_pack([torch.randint(3, 128, (n,)).tolist()]) for n in (10, 30)]
+    packs = [whole_document_pack([torch.randint(3, 128, (n,)).tolist()]) for n in (10, 30)]
     model = SupervisedFinetune(make_tiny_llama(), use_varlen_attn=True, activation_checkpointing=False)
     means = []
     for p in packs:
         b = packed_collate([p], "token")
-        means.append(model(**{k: b[k] for k in MODEL_KEYS}).item() / b["num_loss_tokens"])
+        means.append(model(**{k: b[k] for k in MODEL_INPUTS}).item() / b["num_loss_tokens"])
     both = packed_collate(packs, "pack")
-    assert abs(model(**{k: both[k] for k in MODEL_KEYS}).item() - sum(means) / 2) < 1e-5
+    assert abs(model(**{k: both[k] for k in MODEL_INPUTS}).item() - sum(means) / 2) < 1e-5
 
 
 def test_chunked_loss_equals_full_logits_loss():

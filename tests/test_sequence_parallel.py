@@ -21,14 +21,12 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from evotune.data.collate import packed_collate
+from evotune.data.collate import MODEL_INPUTS, packed_collate
 from evotune.errors import EvotuneError
 from evotune.model.finetune import SupervisedFinetune
 from evotune.parallel.ulysses import check_heads, replicate_kv_heads, shard_row
-from tests.conftest import REPO, make_tiny_llama
+from tests.conftest import REPO, make_tiny_llama, whole_document_pack
 
-MODEL_KEYS = ("input_ids", "position_ids", "loss_index", "loss_labels", "loss_weight",
-              "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
 SP = 2
 TRAIN_PRESETS = ["replicate", "deepspeed_zero1", "deepspeed_zero2", "deepspeed_zero3"]  # replicate: no --deepspeed
 
@@ -43,18 +41,6 @@ CASES = {
 }
 
 
-def _pack(docs: list[list[int]]) -> dict:
-    """One pack holding whole documents, InternEvo labels (next token, -100 at doc end)."""
-    ids, labels, pos, cu = [], [], [], [0]
-    for d in docs:
-        ids += d
-        labels += d[1:] + [-100]
-        pos += list(range(len(d)))
-        cu.append(cu[-1] + len(d))
-    return {"input_ids": np.array(ids), "labels": np.array(labels), "position_ids": np.array(pos),
-            "cu_seqlens": np.array(cu, dtype=np.int32), "type_ids": np.zeros(len(ids), dtype=np.int64)}
-
-
 def _micro_batches() -> list[dict]:
     """Two micro-batches (accumulation 2); documents cross the split point; the first row is odd (padded)."""
     rng = np.random.RandomState(0)
@@ -62,8 +48,9 @@ def _micro_batches() -> list[dict]:
     def docs(*lengths):
         return [rng.randint(3, 128, n).tolist() for n in lengths]
 
-    return [packed_collate([_pack(docs(7, 19, 1, 12))], "pack"),             # 39 tokens -> 40, split at 20
-            packed_collate([_pack(docs(5, 13)), _pack(docs(11, 7))], "pack")]  # 36 tokens, split at 18
+    pack = whole_document_pack
+    return [packed_collate([pack(docs(7, 19, 1, 12))], "pack"),             # 39 tokens -> 40, split at 20
+            packed_collate([pack(docs(5, 13)), pack(docs(11, 7))], "pack")]  # 36 tokens, split at 18
 
 
 def _model(heads: int, kv_heads: int, varlen: bool, checkpointing: bool) -> SupervisedFinetune:
@@ -77,7 +64,7 @@ def _run(model, batches, sp_group=None, sp_rank=0, loss_scale=1.0) -> float:
     for batch in batches:
         local = shard_row(batch, sp_rank, SP) if sp_group is not None else batch
         extra = {"sp_group": sp_group} if sp_group is not None else {}
-        loss = model(**{k: local[k] for k in MODEL_KEYS}, **extra) / len(batches)
+        loss = model(**{k: local[k] for k in MODEL_INPUTS}, **extra) / len(batches)
         (loss * loss_scale).backward()
         total += loss.item()
     return total

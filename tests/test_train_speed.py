@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from evotune.data.collate import packed_collate
+from evotune.data.collate import MODEL_INPUTS, packed_collate
 from evotune.errors import EvotuneError
 from evotune.model import attention
 from evotune.model.checkpointing import set_activation_checkpointing
@@ -18,15 +18,14 @@ from evotune.model.compile import compile_decoder_layers
 from evotune.model.finetune import SupervisedFinetune
 from evotune.model.loss import chunked_cross_entropy
 from evotune.train.optim import build_optimizer
-from tests.conftest import make_tiny_llama
-from tests.test_model_varlen import MODEL_KEYS, _pack
+from tests.conftest import make_tiny_llama, whole_document_pack
 
 
 def _batch(seed: int = 0, lengths=(7, 19, 1, 12)) -> dict:
     torch.manual_seed(seed)
     docs = [torch.randint(3, 128, (n,)).tolist() for n in lengths]
-    b = packed_collate([_pack(docs)], "token")
-    return {k: b[k] for k in MODEL_KEYS}
+    b = packed_collate([whole_document_pack(docs)], "token")
+    return {k: b[k] for k in MODEL_INPUTS}
 
 
 @pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
