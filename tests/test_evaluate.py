@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import gc
 import json
 import os
 import socket
@@ -210,6 +211,8 @@ def _fsdp_worker(rank: int, world: int, port: int, chat_dir: str, work_dir: str,
             with open(os.path.join(work_dir, "result.json"), "w") as f:
                 json.dump(gathered, f)
     finally:
+        model = ev = None
+        gc.collect()  # as evotune.parallel.env.process_group does: free FSDP's hold on the group first
         dist.destroy_process_group()
 
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import gc
 import os
 import sys
 import threading
@@ -146,4 +147,8 @@ def process_group(device: str | None = None, *, launcher: str = "none", cpu_offl
     if watch is not None:
         watch.stop()
         dist.barrier()
+    # Free what still holds the process group (FSDP modules and their mesh live in reference cycles)
+    # before destroying it: left to the interpreter's exit, gloo's threads were sometimes destroyed
+    # still running, and the rank aborted ("terminate called without an active exception").
+    gc.collect()
     teardown()
