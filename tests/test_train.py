@@ -250,3 +250,10 @@ def test_samples_and_validation_on_two_zero3_ranks(chat_run, tmp_path):
         assert set(a) & keys == set(b) & keys
         for k in set(a) & keys:
             assert a[k] == pytest.approx(b[k], rel=1e-5), k
+
+
+def test_torch_compile_without_the_cuda_varlen_kernel_is_refused(tmp_path, tiny_llama_dir, small_folder):
+    cfg = write_config(tmp_path, tiny_llama_dir, small_folder, steps=1)
+    out = _cli("train", cfg, "--work-dir", str(tmp_path / "w"), "--cfg-options", "model.torch_compile=True")
+    assert out.returncode != 0 and "Traceback" not in out.stderr
+    assert "torch_compile=True needs bf16 compute on a GPU (here: cpu, float32)" in out.stderr

@@ -104,6 +104,18 @@ def compute_dtype(cfg: dict, zero: ZeroSettings | None, device: torch.device) ->
     return dtype
 
 
+def check_compile(cfg: dict, device: torch.device, dtype: torch.dtype) -> None:
+    """``torch_compile`` needs the CUDA varlen kernel (16-bit compute on a GPU): elsewhere attention
+    runs one SDPA call per document, which breaks the graph and recompiles for every new count."""
+    model_cfg = cfg.get("model") or {}
+    if model_cfg.get("torch_compile") and model_cfg.get("use_varlen_attn", True) and (
+            device.type != "cuda" or dtype == torch.float32):
+        raise EvotuneError(
+            f"torch_compile=True needs bf16 compute on a GPU (here: {device.type}, "
+            f"{str(dtype).removeprefix('torch.')}): without the CUDA varlen kernel attention runs per "
+            "document and recompiles constantly; set torch_compile=False or optim_wrapper.dtype='bfloat16'")
+
+
 def checkpoint_settings(cfg: dict) -> tuple[int, int]:
     """``(interval, keep)`` from ``checkpoint = dict(interval, max_keep_ckpts)`` or
     ``save_steps``/``save_total_limit``; interval 0: only at the end; keep < 1: all."""
@@ -140,6 +152,7 @@ def train(cfg: dict, work_dir: str, env: DistEnv, *, seed: int | None = None,
                 where=f"model '{cfg.get('pretrained_model_name_or_path')}'")
     export_dtype = next(p.dtype for p in llm.parameters() if p.is_floating_point())
     dtype = compute_dtype(cfg, zero, env.device)
+    check_compile(cfg, env.device, dtype)
     n_matmul = M.matmul_params(llm)
     n_layers, attn_dim = M.attention_dim(llm)
     model = parallelize(model, pmesh, strategy, env.device, dtype)
