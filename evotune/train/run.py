@@ -67,6 +67,7 @@ def main(args: argparse.Namespace) -> int:
     if args.launcher == "none" and "RANK" not in os.environ:  # not already started by a launcher
         command = torchrun_command(train_argv(args), os.environ)
         if command is not None:
+            load_config(resolve_config_path(args.config), args.cfg_options)  # a typo: one line, not N tracebacks
             return relaunch(command)
 
     from evotune.parallel.env import process_group
