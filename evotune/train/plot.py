@@ -68,13 +68,11 @@ def _panel_keys(records: list[dict]) -> dict[str, list[str]]:
 
 def plot_metrics(records: list[dict], title: str | None = None):
     """A matplotlib Figure with the four panels (titles: :data:`PANELS`)."""
-    try:
-        import matplotlib
+    import matplotlib
 
-        matplotlib.use("Agg")
-        from matplotlib.figure import Figure
-    except ImportError:
-        raise EvotuneError("evotune plot needs matplotlib: pip install 'evotune[plot]'") from None
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
     fig = Figure(figsize=(12, 8), layout="constrained")
     axes = fig.subplots(2, 2).flatten()
     for ax, (panel, keys) in zip(axes, _panel_keys(records).items()):
