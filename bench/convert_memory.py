@@ -49,7 +49,9 @@ print(json.dumps({{"rc": rc, "seconds": time.time() - t0, "peak_rss_kb": status[
 
 def write_random_internlm2(path: Path, layers: int, dtype: torch.dtype) -> int:
     """A random 7B-shaped InternLM2 folder, written one tensor at a time; returns the weight bytes."""
-    from evotune.checkpoint.hf import Planned, write_hf_dir
+    from evotune.checkpoint.hf import write_hf_dir
+    from evotune.checkpoint.plan import Planned
+    from evotune.dtypes import dtype_name
 
     H, inter, V = SHAPES_7B["hidden_size"], SHAPES_7B["intermediate_size"], SHAPES_7B["vocab_size"]
     nh, nkv = SHAPES_7B["num_attention_heads"], SHAPES_7B["num_key_value_heads"]
@@ -70,7 +72,7 @@ def write_random_internlm2(path: Path, layers: int, dtype: torch.dtype) -> int:
     plan = {k: Planned(s, dtype, rand(s)) for k, s in shapes.items()}
     cfg = {"architectures": ["InternLM2ForCausalLM"], "model_type": "internlm2", "bias": False,
            "num_hidden_layers": layers, "hidden_act": "silu", "tie_word_embeddings": False,
-           "torch_dtype": str(dtype).removeprefix("torch."), "rope_scaling": None, **SHAPES_7B}
+           "torch_dtype": dtype_name(dtype), "rope_scaling": None, **SHAPES_7B}
     write_hf_dir(plan, cfg, path, max_shard_bytes=2 * 1024**3)
     return sum(p.nbytes for p in plan.values())
 
@@ -105,7 +107,7 @@ def main() -> int:
     ap.add_argument("--keep", action="store_true", help="keep the generated folders")
     args = ap.parse_args()
 
-    from evotune.model.load import resolve_dtype
+    from evotune.dtypes import parse_dtype
 
     work = Path(args.work)
     if work.exists():
@@ -113,7 +115,7 @@ def main() -> int:
     work.mkdir(parents=True)
     src, ie, back = work / "hf_src", work / "internevo", work / "hf_back"
     t0 = time.time()
-    size = write_random_internlm2(src, args.layers, resolve_dtype(args.dtype))
+    size = write_random_internlm2(src, args.layers, parse_dtype(args.dtype, what="--dtype"))
     gen_s = time.time() - t0
     want = digests(src)
     to_ie = run_child(["convert", "hf2internevo", str(src), str(ie), "--tp", str(args.tp), "--pp", str(args.pp)])

@@ -23,7 +23,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "data-order": ("evotune.data.ftdp", "write a data_order_path file for a folder"),
     "tokenize": ("evotune.data.tokenize", "tokenize jsonl text/chat data into an InternEvo folder"),
     "inspect": ("evotune.data.inspect", "show counts and the loss mask of an InternEvo folder"),
-    "convert": ("evotune.checkpoint.convert", "convert checkpoints (internevo2hf, hf2internevo, pth_to_hf)"),
+    "convert": ("evotune.convert", "convert checkpoints (internevo2hf, hf2internevo, pth_to_hf)"),
     "migrate": ("evotune.migrate", "translate an InternEvo config into an evotune config"),
     "chat": ("evotune.chat", "chat with a trained model"),
     "plot": ("evotune.train.plot", "plot the metrics of a work dir"),

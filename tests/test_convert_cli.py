@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from evotune.checkpoint.convert import parse_size, pth_to_hf
+from evotune.convert import parse_size, pth_to_hf
 from evotune.cli import main
 from evotune.errors import EvotuneError
 from evotune.model.load import load_model
@@ -75,7 +75,7 @@ def _save_dcp(step_dir: Path, state: dict, model=None) -> None:
              checkpoint_id=str(step_dir))
     if model is not None:
         model.config.to_json_file(step_dir / "hf_config.json")
-        (step_dir / "trainer_state.json").write_text(json.dumps({"step": 3, "model_source": model.evotune_source}))
+        (step_dir / "trainer_state.json").write_text(json.dumps({"step": 3, "model_source": model.evotune_source.to_json()}))
 
 
 @needs_shared

@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from evotune.checkpoint.convert import hf2internevo, internevo2hf
+from evotune.convert import hf2internevo, internevo2hf
 from evotune.checkpoint.internevo import InternEvoCheckpoint, load_model_config, partition_uniform
 from evotune.errors import EvotuneError
 from evotune.model.load import load_model
@@ -64,8 +64,8 @@ def test_upstream_checkpoints_convert_to_the_tiny_weights_and_logits(tmp_path, n
     assert _same(load_file(out / "model.safetensors"), _tiny())
     g = np.load(CONF / "golden_logits.npz")
     model = load_model(CONF / name)  # read directly, no conversion step
-    assert model.evotune_source["format"] == "internevo"
-    assert model.evotune_source["config"]["dtype"] == "float32"
+    assert model.evotune_source.format == "internevo"
+    assert model.evotune_source.config["dtype"] == "float32"
     with torch.no_grad():
         logits = model(torch.from_numpy(g["short_input_ids"])).logits.numpy()
     assert np.abs(logits - g["short_logits"]).max() <= 1e-5

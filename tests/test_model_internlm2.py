@@ -41,7 +41,7 @@ def test_logits_match_upstream_remote_code():
     g = _golden()
     model = load_model(TINY)
     assert type(model).__name__ == "LlamaForCausalLM"
-    assert model.evotune_source["format"] == "internlm2"
+    assert model.evotune_source.format == "internlm2"
     short = _logits(model, g["short_input_ids"])
     assert np.abs(short - g["short_logits"]).max() <= 1e-5
     assert abs(_shift_loss(short, g["short_input_ids"]) - float(g["short_loss"])) <= 1e-5
@@ -104,7 +104,7 @@ def test_export_back_is_bitwise_internlm2(tmp_path):
         (TINY / "generation_config.json").read_text())
     assert (out / "modeling_internlm2.py").read_text() == "# remote code stand-in\n"
     assert (out / "tokenizer.model").read_bytes() == (TINY / "tokenizer.model").read_bytes()
-    assert load_model(out).evotune_source["format"] == "internlm2"
+    assert load_model(out).evotune_source.format == "internlm2"
 
 
 @needs_shared

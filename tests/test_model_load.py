@@ -36,8 +36,8 @@ def test_hf_dir_loads_natively_with_same_logits(tmp_path):
     path, ref = _qwen(tmp_path)
     model = load_model(path)
     assert type(model).__name__ == "Qwen2ForCausalLM"
-    assert model.evotune_source["format"] == "hf"
-    assert model.evotune_source["config"]["model_type"] == "qwen2"
+    assert model.evotune_source.format == "hf"
+    assert model.evotune_source.config["model_type"] == "qwen2"
     x = torch.randint(0, 96, (2, 11))
     with torch.no_grad():
         assert torch.equal(model(x).logits, ref(x).logits)

@@ -4,7 +4,8 @@ Layout of ``<work_dir>/checkpoints/step_<N>/`` (N = optimizer steps done)::
 
     .metadata, __<rank>_0.distcp   DCP: {"model": ..., "optimizer": ...}
     trainer_state.json             step, consumed_tokens, sampler, scheduler, world layout,
-                                   model_source (``model.evotune_source``: format, path, original config)
+                                   model_source (a ModelSource as JSON: format, path, original config;
+                                   see evotune/checkpoint/source.py)
     hf_config.json                 the transformers config of the trained model
     rng/rank_<r>.pt                python, numpy, torch CPU (and CUDA) RNG states of rank r
 
@@ -17,11 +18,12 @@ ranks: :func:`read_model_state` returns the transformers state dict of a
 checkpoint (``evotune convert pth_to_hf`` exports one), DCP reshards on
 load for another world size.
 
-Atomic: every rank writes into ``.tmp_step_<N>/``; once all files are written
-and synced, rank 0 renames the folder to ``step_<N>``. A crash mid-save leaves
-only the temporary folder (removed by the next save); every ``step_<N>`` is
-complete. After the rename the oldest checkpoints beyond ``keep`` are deleted.
-Several nodes need the work dir on a shared filesystem.
+Atomic (:class:`evotune.checkpoint.atomic.AtomicDir`, collective): every rank
+writes into ``.tmp_step_<N>/``; once all files are written and synced, rank 0
+renames the folder to ``step_<N>``. A crash mid-save leaves only the temporary
+folder (removed by the next save); every ``step_<N>`` is complete. After the
+rename the oldest checkpoints beyond ``keep`` are deleted. Several nodes need
+the work dir on a shared filesystem.
 """
 
 from __future__ import annotations
@@ -41,6 +43,8 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
+from evotune.checkpoint.atomic import AtomicDir, remove_leftovers
+from evotune.checkpoint.source import ModelSource
 from evotune.errors import EvotuneError
 
 CHECKPOINTS = "checkpoints"
@@ -132,27 +136,22 @@ def _single_process_quiet():
         yield
 
 
+def _json_value(value):
+    """What ``json`` cannot write itself: a ModelSource as its record, anything else as its string."""
+    return value.to_json() if isinstance(value, ModelSource) else str(value)
+
+
 def _write_json(path: str, data: dict) -> None:
     with open(path, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=2, sort_keys=True, default=str)
+        json.dump(data, f, indent=2, sort_keys=True, default=_json_value)
         f.write("\n")
         f.flush()
         os.fsync(f.fileno())
 
 
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _prune(root: str, keep: int) -> None:
     """Delete leftovers of crashed saves and all but the newest ``keep`` checkpoints (keep < 1: all)."""
-    for name in os.listdir(root):
-        if name.startswith((".tmp_step_", ".old_step_")):
-            shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+    remove_leftovers(root)
     if keep >= 1:
         for _, path in list_checkpoints(root)[:-keep]:
             shutil.rmtree(path, ignore_errors=True)
@@ -162,33 +161,25 @@ def save_checkpoint(root: str, step: int, *, model, optimizer, scheduler, train_
                     keep: int = -1, hf_config=None) -> str:
     """Write ``<root>/step_<step>`` atomically on every rank; returns its path.
 
-    ``train_state``: JSON data (step, consumed tokens, sampler state, model source,
-    ...) written by rank 0 with the scheduler's state. ``hf_config``: the model's
-    transformers config.
+    ``train_state``: JSON data (step, consumed tokens, sampler state, ``model_source``
+    (a :class:`ModelSource` or its JSON), ...) written by rank 0 with the scheduler's
+    state. ``hf_config``: the model's transformers config. The same step written
+    again (a rerun in the same work dir) replaces the earlier one.
     """
     rank = _rank()
     final = os.path.join(root, f"step_{step}")
-    tmp = os.path.join(root, f".tmp_step_{step}")
-    if rank == 0:
-        os.makedirs(root, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(os.path.join(tmp, "rng"))
-    _barrier()
     model_sd, optim_sd = get_state_dict(model, optimizer)
-    with _single_process_quiet():
-        dcp.save({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=tmp, no_dist=not dist.is_initialized())
-    torch.save(rng_state(), os.path.join(tmp, "rng", f"rank_{rank}.pt"))
-    _barrier()
+    with AtomicDir(final, overwrite=True, collective=True) as tmp:
+        os.makedirs(tmp / "rng", exist_ok=True)
+        with _single_process_quiet():
+            dcp.save({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=str(tmp),
+                     no_dist=not dist.is_initialized())
+        torch.save(rng_state(), tmp / "rng" / f"rank_{rank}.pt")
+        if rank == 0:  # dcp.save returns once every rank's shards are written
+            _write_json(str(tmp / TRAINER_STATE), {**train_state, "scheduler": scheduler.state_dict()})
+            if hf_config is not None:
+                hf_config.to_json_file(str(tmp / HF_CONFIG))
     if rank == 0:
-        _write_json(os.path.join(tmp, TRAINER_STATE), {**train_state, "scheduler": scheduler.state_dict()})
-        if hf_config is not None:
-            hf_config.to_json_file(os.path.join(tmp, HF_CONFIG))
-        _fsync_dir(tmp)
-        if os.path.exists(final):  # the same step written again (a rerun in the same work dir)
-            old = os.path.join(root, f".old_step_{step}")
-            os.replace(final, old)
-        os.replace(tmp, final)
-        _fsync_dir(root)
         _prune(root, keep)
     _barrier()
     return final

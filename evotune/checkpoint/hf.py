@@ -1,37 +1,42 @@
-"""Read and write Hugging Face model directories, one tensor at a time.
+"""Hugging Face model directories: safetensors read and written one tensor at a time.
 
-Conversions of 7B+ models must not hold two copies of the weights. Everything
-here works on a *plan*: an ordered ``name -> Planned(shape, dtype, load)``
-mapping whose tensors are produced only when written. :class:`LazyWeights`
-reads safetensors shards with plain file reads (no memory map, so resident
-memory is the tensors in flight, not the pages touched), and
-:func:`write_safetensors` streams a plan into shards: it writes each shard's
-header from the planned shapes, then the tensors one by one.
+Everything here works on plans (:mod:`evotune.checkpoint.plan`), so a 7B
+conversion never holds two copies of the weights. :class:`LazyWeights` reads
+safetensors shards with plain file reads (no memory map, so resident memory is
+the tensors in flight, not the pages touched), and :func:`write_safetensors`
+streams a plan into shards: it writes each shard's header from the planned
+shapes, then the tensors one by one.
 
 :func:`save_hf` writes a model or a full state dict as a HF directory, in the
-layout the model came in (``model.evotune_source``) or in transformers' native
-layout, atomically (temporary folder + rename).
+layout the model came in (its :class:`~evotune.checkpoint.source.ModelSource`)
+or in transformers' native layout, atomically
+(:class:`~evotune.checkpoint.atomic.AtomicDir`). docs/models.md describes the
+result.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import struct
-import tempfile
-from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import torch
 
+from evotune.checkpoint.atomic import AtomicDir
+from evotune.checkpoint.internlm2 import internlm2_config_from_llama, llama_config_of, plan_llama_to_internlm2
+from evotune.checkpoint.plan import Planned, plan_of
+from evotune.checkpoint.source import ModelSource
+from evotune.dtypes import dtype_name, parse_dtype
 from evotune.errors import EvotuneError
 
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
 DEFAULT_SHARD_BYTES = 5 * 1024**3
 
+# the files a tokenizer is saved as (transformers' fast and slow tokenizers, sentencepiece, InternLM2):
+# a folder holding any of them has a tokenizer; an export copies every one present
 TOKENIZER_FILES = (
     "tokenizer.model",
     "tokenizer.json",
@@ -40,6 +45,7 @@ TOKENIZER_FILES = (
     "added_tokens.json",
     "vocab.json",
     "merges.txt",
+    "spiece.model",
     "chat_template.jinja",
 )
 
@@ -56,27 +62,6 @@ _ST_DTYPES = {
     "BOOL": torch.bool,
 }
 _ST_NAMES = {v: k for k, v in _ST_DTYPES.items()}
-
-
-@dataclass
-class Planned:
-    """A tensor to be produced later: its shape and dtype now, its values on ``load()``."""
-
-    shape: tuple[int, ...]
-    dtype: torch.dtype
-    load: Callable[[], torch.Tensor]
-
-    @property
-    def nbytes(self) -> int:
-        n = 1
-        for s in self.shape:
-            n *= s
-        return n * self.dtype.itemsize
-
-
-def plan_of(state: Mapping[str, torch.Tensor]) -> dict[str, Planned]:
-    """The plan of tensors already in memory."""
-    return {k: Planned(tuple(t.shape), t.dtype, (lambda t=t: t)) for k, t in state.items()}
 
 
 class _SafetensorsFile:
@@ -219,10 +204,6 @@ def write_safetensors(
         (out_dir / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
 
 
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
 def _copy_tokenizer(src: Path, dst: Path) -> None:
     """Copy the tokenizer files as they are (an InternLM2 tokenizer stays loadable by load_tokenizer)."""
     if src.is_file() and src.suffix == ".model":
@@ -231,40 +212,6 @@ def _copy_tokenizer(src: Path, dst: Path) -> None:
     for name in TOKENIZER_FILES:
         if (src / name).is_file():
             shutil.copy2(src / name, dst / name)
-
-
-class AtomicDir:
-    """Write a directory under a temporary name and rename it into place when complete.
-
-    Refuses a non-empty target unless ``overwrite``; on error nothing is left behind.
-    """
-
-    def __init__(self, out_dir, overwrite: bool = False):
-        self.out = Path(out_dir)
-        self.overwrite = overwrite
-        if self.out.exists() and (not self.out.is_dir() or any(self.out.iterdir())) and not overwrite:
-            raise EvotuneError(f"{self.out} exists and is not empty: choose a new directory or pass --overwrite")
-
-    def __enter__(self) -> Path:
-        self.out.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.tmp-", dir=self.out.parent))
-        return self.tmp
-
-    def __exit__(self, exc_type, exc, tb):
-        try:
-            if exc_type is None:
-                os.chmod(self.tmp, 0o755)
-                if self.out.exists():
-                    old = self.out.with_name(f".{self.out.name}.old-{os.getpid()}")
-                    self.out.rename(old)
-                    self.tmp.rename(self.out)
-                    shutil.rmtree(old)
-                else:
-                    self.tmp.rename(self.out)
-        finally:
-            if self.tmp.exists():
-                shutil.rmtree(self.tmp)
-        return False
 
 
 def write_hf_dir(
@@ -280,7 +227,7 @@ def write_hf_dir(
     max_shard_bytes: int = DEFAULT_SHARD_BYTES,
 ) -> Path:
     """The common writer: weights from a plan, ``config.json`` as given, extra files copied."""
-    with AtomicDir(out_dir, overwrite) as tmp:
+    with AtomicDir(out_dir, overwrite=overwrite) as tmp:
         write_safetensors(plan, tmp, max_shard_bytes, dtype)
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         if generation_config is not None:
@@ -297,7 +244,7 @@ def save_hf(
     out_dir,
     *,
     config=None,
-    source: dict | None = None,
+    source: ModelSource | None = None,
     save_format: str | None = None,
     tokenizer_path=None,
     dtype=None,
@@ -309,7 +256,8 @@ def save_hf(
     ``model_or_state_dict``: a transformers model, or a full state dict in
     transformers' layout (as the distributed trainer gathers it) together with
     ``config`` (a ``PretrainedConfig`` or its dict) and/or ``source``.
-    ``source``: where the model came from (default ``model.evotune_source``).
+    ``source``: where the model came from (default: the model's
+    :meth:`ModelSource.of`; None: transformers' layout).
     ``save_format``: None = the layout the model came in (an InternLM2 or
     InternEvo model is written as InternLM2: same keys, same config fields,
     ``auto_map`` kept, remote-code ``.py`` files copied), 'internlm2', or
@@ -318,12 +266,10 @@ def save_hf(
     ``dtype``: cast floating tensors (default: as they are).
     Refuses a non-empty ``out_dir`` unless ``overwrite=True``.
     """
-    from evotune.model.load import SOURCE_ATTR
-
     is_model = isinstance(model_or_state_dict, torch.nn.Module)
     model = model_or_state_dict if is_model else None
     if source is None and model is not None:
-        source = getattr(model, SOURCE_ATTR, None)
+        source = ModelSource.of(model)
     if config is None and model is not None:
         config = model.config
     if config is None:
@@ -349,7 +295,7 @@ def export_plan(
     config,
     out_dir,
     *,
-    source: dict | None = None,
+    source: ModelSource | None = None,
     save_format: str | None = None,
     tokenizer_path=None,
     dtype=None,
@@ -358,35 +304,31 @@ def export_plan(
     generation_config: dict | None = None,
 ) -> Path:
     """:func:`save_hf` for weights given as a plan in transformers names (streamed, never all in memory)."""
-    from evotune.model.load import resolve_dtype
-
-    source = source or {}
-    fmt = save_format or ("internlm2" if source.get("format") in ("internlm2", "internevo") else "huggingface")
+    source_format = source.format if source is not None else None
+    fmt = save_format or ("internlm2" if source_format in ("internlm2", "internevo") else "huggingface")
     if fmt not in ("internlm2", "huggingface"):
         raise EvotuneError(f"unknown save format {save_format!r}: use internlm2 or huggingface")
-    out_dtype = resolve_dtype(dtype)
+    out_dtype = parse_dtype(dtype)
     plan = {k: p for k, p in plan.items() if not k.endswith("rotary_emb.inv_freq")}
     floats = [p.dtype for p in plan.values() if p.dtype.is_floating_point]
-    dtype_name = _dtype_name(out_dtype or (floats[0] if floats else torch.float32))
-    source_dir = Path(source["path"]) if source.get("path") else None
+    out_dtype_name = dtype_name(out_dtype or (floats[0] if floats else torch.float32))
+    source_dir = Path(source.path) if source is not None and source.path else None
     extra: tuple[Path, ...] = ()
 
     if fmt == "internlm2":
-        from evotune.model.internlm2 import internlm2_config_from_llama, llama_config_of, plan_llama_to_internlm2
-
         llama_config = llama_config_of(config)
-        base = source.get("config") if source.get("format") == "internlm2" else None
+        base = source.config if source_format == "internlm2" else None
         cfg_out = internlm2_config_from_llama(llama_config, base)
-        cfg_out["torch_dtype"] = dtype_name
+        cfg_out["torch_dtype"] = out_dtype_name
         if llama_config.tie_word_embeddings:
             plan.pop("lm_head.weight", None)
         plan = plan_llama_to_internlm2(plan, llama_config.num_attention_heads, llama_config.num_key_value_heads)
-        if source_dir is not None and source.get("format") == "internlm2" and source_dir.is_dir():
+        if source_dir is not None and source_format == "internlm2" and source_dir.is_dir():
             extra = tuple(sorted(source_dir.glob("*.py")))  # the remote code, if the source had it
     else:
         cfg_out = dict(config) if isinstance(config, dict) else config.to_diff_dict()
         cfg_out.pop("torch_dtype", None)
-        cfg_out["dtype"] = dtype_name
+        cfg_out["dtype"] = out_dtype_name
         if cfg_out.get("tie_word_embeddings"):
             plan.pop("lm_head.weight", None)  # safetensors refuses shared tensors; the loader re-ties
     generation_config = _generation_config(generation_config, source_dir)

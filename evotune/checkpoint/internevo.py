@@ -23,7 +23,7 @@ with; evotune reads any split and writes any split. Facts this module relies on
 * ``norm_head=True`` normalises the head's rows at run time, so the exported
   head is the row-normalised weight (computed in float32).
 
-Reading produces a plan (see :mod:`evotune.checkpoint.hf`) in InternLM2 names,
+Reading produces a plan (:mod:`evotune.checkpoint.plan`) in InternLM2 names,
 so a conversion holds one pipeline stage's shards (memory-mapped) and the
 tensor being written, never the whole model twice.
 """
@@ -38,7 +38,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from evotune.checkpoint.hf import AtomicDir, Planned
+from evotune.checkpoint.atomic import AtomicDir
+from evotune.checkpoint.internlm2 import INTERNLM2_AUTO_MAP
+from evotune.checkpoint.plan import Planned
+from evotune.dtypes import dtype_name, parse_dtype
 from evotune.errors import EvotuneError
 
 CONFIG_NAME = "model_config.pt"
@@ -118,18 +121,9 @@ def load_model_config(folder) -> dict:
     return _plain(cfg)
 
 
-def _dtype_of(cfg: dict) -> torch.dtype | None:
-    d = cfg.get("dtype")
-    if isinstance(d, torch.dtype):
-        return d
-    if isinstance(d, str):
-        return getattr(torch, d.removeprefix("torch."), None)
-    return None
-
-
 def config_for_json(cfg: dict) -> dict:
     """``model_config.pt`` with its dtype as a string (so it can live in a JSON-able source record)."""
-    return {k: (str(v).removeprefix("torch.") if isinstance(v, torch.dtype) else v) for k, v in cfg.items()}
+    return {k: (dtype_name(v) if isinstance(v, torch.dtype) else v) for k, v in cfg.items()}
 
 
 # ---------------------------------------------------------------- layout
@@ -285,6 +279,10 @@ class InternEvoCheckpoint:
         self.interleaved = _interleaved(cfg, where)
         self._stages = _Stages(self.folder, self.tp)
         self._scan(ffn_layout)
+
+    def release(self) -> None:
+        """Drop the memory-mapped shards still held (a plan's loaders map them again when called)."""
+        self._stages.release()
 
     def _scan(self, ffn_layout: str) -> None:
         """Read every shard's key names and shapes (no tensor data) and check them against the config."""
@@ -448,10 +446,8 @@ class InternEvoCheckpoint:
     def internlm2_config(self, max_position_embeddings: int | None = None, rope_scaling: dict | None = None,
                          dtype: torch.dtype | None = None) -> dict:
         """The InternLM2 ``config.json`` for this checkpoint (the published layout, with ``auto_map``)."""
-        from evotune.model.internlm2 import INTERNLM2_AUTO_MAP
-
         cfg = self.config
-        out_dtype = dtype or _dtype_of(cfg) or self.dtype
+        out_dtype = dtype or parse_dtype(cfg.get("dtype"), self.dtype, what=f"{self.folder / CONFIG_NAME} dtype")
         return {
             "architectures": ["InternLM2ForCausalLM"],
             "attn_implementation": "eager",
@@ -473,7 +469,7 @@ class InternEvoCheckpoint:
             "rope_scaling": rope_scaling,
             "rope_theta": cfg.get("rope_base", 10000),
             "tie_word_embeddings": False,
-            "torch_dtype": str(out_dtype).removeprefix("torch."),
+            "torch_dtype": dtype_name(out_dtype),
             "use_cache": True,
             "vocab_size": cfg["vocab_size"],
         }
@@ -481,19 +477,6 @@ class InternEvoCheckpoint:
 
 def _normalize_rows(w: torch.Tensor) -> torch.Tensor:
     return F.normalize(w.float(), dim=-1).to(w.dtype)
-
-
-def load_internevo_model(folder, dtype: torch.dtype | None = None, ffn_layout: str = "auto"):
-    """An InternEvo checkpoint as a ``LlamaForCausalLM`` and its ``model_config.pt`` (dtype as a string)."""
-    from evotune.model.internlm2 import build_llama, llama_config_from_internlm2, plan_internlm2_to_llama
-
-    ckpt = InternEvoCheckpoint(folder, ffn_layout)
-    cfg = ckpt.internlm2_config()
-    config = llama_config_from_internlm2(cfg, where=str(Path(folder) / CONFIG_NAME))
-    plan = plan_internlm2_to_llama(ckpt.plan(), ckpt.heads, ckpt.kv_heads)
-    model = build_llama(config, plan, dtype, where=str(folder))
-    ckpt._stages.release()
-    return model, config_for_json(ckpt.config)
 
 
 # ---------------------------------------------------------------- writing
@@ -569,7 +552,7 @@ def write_internevo(plan: Mapping[str, Planned], cfg: dict, out_dir, tp: int, pp
             full = full.to(out_dtype)
         return _own(full if dim is None or tp == 1 else full.chunk(tp, dim=dim)[t])
 
-    with AtomicDir(out_dir, overwrite) as tmp:
+    with AtomicDir(out_dir, overwrite=overwrite) as tmp:
         torch.save(internevo_model_config(cfg, out_dtype), tmp / CONFIG_NAME)
         for p, (start, end) in enumerate(parts):
             for t in range(tp):

@@ -4,18 +4,37 @@
     evotune convert hf2internevo SRC DST --tp N --pp M [--dtype ...]
     evotune convert pth_to_hf WORK_DIR_OR_CKPT DST [--save-format ...]
 
-Every conversion streams tensors (see :mod:`evotune.checkpoint.hf`): memory
-stays near one pipeline stage / one output shard, never two copies of the
-model. Outputs are written atomically and never over a non-empty directory
-unless ``--overwrite`` is given.
+The command sits above the formats it joins (:mod:`evotune.checkpoint`) and
+needs no model: every conversion streams tensors through plans
+(:mod:`evotune.checkpoint.plan`), so memory stays near one pipeline stage / one
+output shard, never two copies of the model. Outputs are written atomically
+and never over a non-empty directory unless ``--overwrite`` is given
+(docs/models.md, "evotune convert").
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import re
+import warnings
 from pathlib import Path
 
+import torch
+from torch.distributed.checkpoint.state_dict_loader import _load_state_dict_from_keys
+
+from evotune.checkpoint.dcp import HF_CONFIG, TRAINER_STATE, checkpoints_dir, list_checkpoints, model_tensors
+from evotune.checkpoint.hf import DEFAULT_SHARD_BYTES, LazyWeights, export_plan, write_hf_dir
+from evotune.checkpoint.internevo import InternEvoCheckpoint, config_for_json, write_internevo
+from evotune.checkpoint.internlm2 import (
+    internlm2_config_from_llama,
+    llama_config_from_internlm2,
+    plan_internlm2_to_llama,
+    plan_llama_to_internlm2,
+)
+from evotune.checkpoint.plan import Planned
+from evotune.checkpoint.source import ModelSource, detect_format, read_config_json
+from evotune.dtypes import dtype_name, parse_dtype
 from evotune.errors import EvotuneError
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)B?\s*$", re.I)
@@ -69,9 +88,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from evotune.model.load import resolve_dtype
-
-    dtype = resolve_dtype(args.dtype)
+    dtype = parse_dtype(args.dtype, what="--dtype")
     if args.direction == "internevo2hf":
         scaling = None
         if args.rope_scaling:
@@ -96,10 +113,6 @@ def internevo2hf(src, dst, *, save_format: str = "internlm2", dtype=None, ffn_la
                  max_position_embeddings: int | None = None, rope_scaling: dict | None = None,
                  tokenizer_path=None, max_shard_bytes: int | None = None, overwrite: bool = False) -> Path:
     """An InternEvo checkpoint folder (any tp/pp) -> a HF folder (InternLM2 or native Llama layout)."""
-    from evotune.checkpoint.hf import DEFAULT_SHARD_BYTES, write_hf_dir
-    from evotune.checkpoint.internevo import InternEvoCheckpoint
-    from evotune.model.internlm2 import llama_config_from_internlm2, plan_internlm2_to_llama
-
     _require_dir(src)
     ckpt = InternEvoCheckpoint(src, ffn_layout)
     cfg = ckpt.internlm2_config(max_position_embeddings, rope_scaling, dtype)
@@ -115,7 +128,7 @@ def internevo2hf(src, dst, *, save_format: str = "internlm2", dtype=None, ffn_la
 
 def _native_config(llama_config) -> dict:
     cfg = llama_config.to_diff_dict()
-    cfg["dtype"] = str(llama_config.dtype).removeprefix("torch.") if llama_config.dtype else "float32"
+    cfg["dtype"] = dtype_name(parse_dtype(llama_config.dtype, torch.float32))
     return cfg
 
 
@@ -127,14 +140,8 @@ def _require_dir(path) -> None:
 
 def internlm2_source(src):
     """(plan in InternLM2 names, InternLM2 config dict) for any folder evotune reads."""
-    from evotune.checkpoint.hf import LazyWeights
-    from evotune.model.internlm2 import internlm2_config_from_llama, plan_llama_to_internlm2
-    from evotune.model.load import detect_format, read_config_json
-
     fmt = detect_format(src)
     if fmt == "internevo":
-        from evotune.checkpoint.internevo import InternEvoCheckpoint
-
         ckpt = InternEvoCheckpoint(src)
         return ckpt.plan(), ckpt.internlm2_config()
     cfg = read_config_json(Path(src))
@@ -157,8 +164,6 @@ def internlm2_source(src):
 
 def hf2internevo(src, dst, *, tp: int, pp: int, dtype=None, overwrite: bool = False) -> Path:
     """A HF InternLM2/Llama folder (or an InternEvo folder, to re-split it) -> InternEvo tp x pp shards."""
-    from evotune.checkpoint.internevo import write_internevo
-
     _require_dir(src)
     plan, cfg = internlm2_source(src)
     return write_internevo(plan, cfg, dst, tp, pp, dtype=dtype, overwrite=overwrite)
@@ -166,8 +171,6 @@ def hf2internevo(src, dst, *, tp: int, pp: int, dtype=None, overwrite: bool = Fa
 
 def find_training_checkpoint(src) -> Path:
     """A DCP step folder: ``src`` itself, or the newest ``step_<N>`` of ``<src>/checkpoints`` or of ``src``."""
-    from evotune.checkpoint.dcp import checkpoints_dir, list_checkpoints
-
     p = Path(src)
     if (p / ".metadata").is_file():
         return p
@@ -182,13 +185,6 @@ def find_training_checkpoint(src) -> Path:
 
 def _dcp_plan(step_dir: Path) -> dict:
     """The model weights of a DCP checkpoint as a plan (each tensor read on its own, offline)."""
-    import warnings
-
-    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict_from_keys
-
-    from evotune.checkpoint.dcp import model_tensors
-    from evotune.checkpoint.hf import Planned
-
     tensors = model_tensors(str(step_dir))
     if not tensors:
         raise EvotuneError(f"{step_dir}: the checkpoint holds no model.* tensors")
@@ -205,17 +201,13 @@ def _dcp_plan(step_dir: Path) -> dict:
     return {name: Planned(tuple(md.size), md.properties.dtype, loader(key)) for name, (key, md) in tensors.items()}
 
 
-def _source_for(step_dir: Path, model_path) -> tuple[dict, object]:
+def _source_for(step_dir: Path, model_path) -> tuple[ModelSource | None, object]:
     """(source record, transformers config or dict) for an exported checkpoint.
 
     Without ``model_path``: the trainer's ``hf_config.json`` and the
     ``model_source`` of ``trainer_state.json`` in the step folder
     (see :mod:`evotune.checkpoint.dcp`).
     """
-    import json
-
-    from evotune.checkpoint.dcp import HF_CONFIG, TRAINER_STATE
-
     if model_path is None:
         if not (step_dir / HF_CONFIG).is_file():
             raise EvotuneError(
@@ -224,24 +216,16 @@ def _source_for(step_dir: Path, model_path) -> tuple[dict, object]:
             )
         config = json.loads((step_dir / HF_CONFIG).read_text())
         state_file = step_dir / TRAINER_STATE
-        source = json.loads(state_file.read_text()).get("model_source") if state_file.is_file() else None
-        return source or {}, config
-    from evotune.model.load import detect_format, read_config_json
-
+        state = json.loads(state_file.read_text()) if state_file.is_file() else {}
+        return ModelSource.from_json(state.get("model_source"), where=f"{state_file} model_source"), config
     fmt = detect_format(model_path)
     if fmt == "internevo":
-        from evotune.checkpoint.internevo import InternEvoCheckpoint, config_for_json
-        from evotune.model.internlm2 import llama_config_from_internlm2
-
         ckpt = InternEvoCheckpoint(model_path)
-        return ({"format": fmt, "path": str(model_path), "config": config_for_json(ckpt.config)},
+        return (ModelSource(fmt, str(model_path), config_for_json(ckpt.config)),
                 llama_config_from_internlm2(ckpt.internlm2_config()))
     cfg = read_config_json(Path(model_path))
-    if fmt == "internlm2":
-        from evotune.model.internlm2 import llama_config_from_internlm2
-
-        return {"format": fmt, "path": str(model_path), "config": cfg}, llama_config_from_internlm2(cfg)
-    return {"format": "hf", "path": str(model_path), "config": cfg}, cfg
+    source = ModelSource(fmt, str(model_path), cfg)
+    return source, (llama_config_from_internlm2(cfg) if fmt == "internlm2" else cfg)
 
 
 def pth_to_hf(src, dst, *, model_path=None, save_format: str | None = None, dtype=None, tokenizer_path=None,
@@ -253,8 +237,6 @@ def pth_to_hf(src, dst, *, model_path=None, save_format: str | None = None, dtyp
     ``trainer_state.json`` (``model_source``), or from ``model_path``, the
     folder the training started from.
     """
-    from evotune.checkpoint.hf import DEFAULT_SHARD_BYTES, export_plan
-
     step_dir = find_training_checkpoint(src)
     source, config = _source_for(step_dir, model_path)
     return export_plan(_dcp_plan(step_dir), config, dst, source=source, save_format=save_format, dtype=dtype,
