@@ -1,0 +1,96 @@
+"""The small shared pieces of the formats layer: dtype names, the model-source record, the atomic
+directory writer and the tokenizer file list."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from evotune.checkpoint import dcp
+from evotune.checkpoint.atomic import AtomicDir, remove_leftovers
+from evotune.checkpoint.hf import TOKENIZER_FILES, save_hf
+from evotune.checkpoint.source import ModelSource
+from evotune.dtypes import dtype_name, parse_dtype
+from evotune.errors import EvotuneError
+from evotune.model.load import load_model, load_tokenizer
+
+
+def test_one_dtype_parser_for_every_spelling():
+    for spelling, want in [("bfloat16", torch.bfloat16), ("bf16", torch.bfloat16), ("torch.bfloat16", torch.bfloat16),
+                           ("fp16", torch.float16), ("half", torch.float16), ("float32", torch.float32),
+                           ("fp32", torch.float32), (torch.float16, torch.float16)]:
+        assert parse_dtype(spelling) is want
+    assert parse_dtype(None) is None and parse_dtype("auto", torch.bfloat16) is torch.bfloat16
+    assert [dtype_name(d) for d in (torch.bfloat16, torch.float16, torch.float32)] == ["bfloat16", "float16", "float32"]
+    with pytest.raises(EvotuneError, match=r"^optim_wrapper.dtype: unknown dtype 'float8'"):
+        parse_dtype("float8", what="optim_wrapper.dtype")
+
+
+def test_model_source_reads_the_records_older_checkpoints_wrote():
+    old = {"format": "internlm2", "path": "/models/internlm2-7b", "config": {"model_type": "internlm2", "bias": False}}
+    source = ModelSource.from_json(json.loads(json.dumps(old)))
+    assert (source.format, source.path, source.config) == ("internlm2", "/models/internlm2-7b", old["config"])
+    assert source.to_json() == old
+    assert ModelSource.from_json(None) is None  # a checkpoint of a model built in Python
+    with pytest.raises(EvotuneError, match="state.json model_source: .* is not a model source record"):
+        ModelSource.from_json({"path": "/x"}, where="state.json model_source")
+    with pytest.raises(EvotuneError, match="format 'gguf': must be one of hf, internlm2, internevo"):
+        ModelSource("gguf")
+
+
+def test_model_source_written_in_trainer_state_as_its_record(tmp_path):
+    model = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+    source = ModelSource("hf", "/models/qwen", {"model_type": "qwen2"})
+    path = dcp.save_checkpoint(str(tmp_path), 1, model=model, optimizer=optimizer, scheduler=scheduler,
+                               train_state={"step": 1, "model_source": source})
+    state = dcp.read_trainer_state(path)
+    assert state["model_source"] == {"format": "hf", "path": "/models/qwen", "config": {"model_type": "qwen2"}}
+    assert ModelSource.from_json(state["model_source"]) == source
+
+
+def test_atomic_dir_leaves_the_old_folder_until_the_new_one_is_complete(tmp_path):
+    target = tmp_path / "out"
+    with AtomicDir(target) as tmp:
+        (tmp / "a.txt").write_text("first")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    with pytest.raises(EvotuneError, match="exists and is not empty"):
+        AtomicDir(target)
+    with pytest.raises(RuntimeError, match="crash"):
+        with AtomicDir(target, overwrite=True) as tmp:
+            (tmp / "a.txt").write_text("second")
+            raise RuntimeError("crash")
+    assert (target / "a.txt").read_text() == "first"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # the half-written folder is gone
+    with AtomicDir(target, overwrite=True) as tmp:
+        (tmp / "b.txt").write_text("second")
+    assert sorted(p.name for p in target.iterdir()) == ["b.txt"]
+
+
+def test_remove_leftovers_puts_back_a_folder_set_aside_by_a_crash_between_renames(tmp_path):
+    (tmp_path / ".tmp_step_3").mkdir()  # a save that crashed while writing
+    (tmp_path / ".old_step_2").mkdir()  # step_2 set aside, the new step_2 never renamed into place
+    (tmp_path / ".old_step_2" / "weights").write_text("complete")
+    (tmp_path / "step_1").mkdir()
+    (tmp_path / ".old_step_1").mkdir()  # step_1 replaced: the set-aside copy is stale
+    remove_leftovers(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_1", "step_2"]
+    assert (tmp_path / "step_2" / "weights").read_text() == "complete"
+
+
+def test_one_tokenizer_file_list_for_loading_and_export(tmp_path, tiny_llama_dir):
+    """A T5-style folder (spiece.model) is a tokenizer folder, and export copies that file too."""
+    assert "spiece.model" in TOKENIZER_FILES and "chat_template.jinja" in TOKENIZER_FILES
+    tok_dir = tmp_path / "tok"
+    tok_dir.mkdir()
+    assert load_tokenizer(tok_dir) is None
+    (tok_dir / "spiece.model").write_bytes(b"not really a model")
+    (tok_dir / "chat_template.jinja").write_text("{{ messages }}")
+    with pytest.raises(EvotuneError, match="cannot build a tokenizer"):
+        load_tokenizer(tok_dir)  # seen as a tokenizer folder (a broken one), not as "no tokenizer"
+    out = save_hf(load_model(tiny_llama_dir), tmp_path / "hf", tokenizer_path=tok_dir)
+    assert (out / "spiece.model").read_bytes() == b"not really a model"
+    assert (out / "chat_template.jinja").read_text() == "{{ messages }}"
