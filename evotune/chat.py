@@ -13,7 +13,12 @@ from __future__ import annotations
 
 import argparse
 
+import torch
+from transformers import TextStreamer
+
 from evotune.errors import EvotuneError
+from evotune.model.load import load_model, load_tokenizer
+from evotune.train.evaluate import PromptEncoder, greedy_generate
 
 EXIT_WORDS = ("/exit", "exit", "quit", "/quit")
 
@@ -38,8 +43,6 @@ class Chat:
 
     def __init__(self, model, tokenizer, *, template: str | None = None, system: str | None = None,
                  max_new_tokens: int = 512):
-        from evotune.train.evaluate import PromptEncoder
-
         self.model = model
         self.tokenizer = tokenizer
         self.prompts = PromptEncoder(tokenizer, template, system, where="--template")
@@ -47,10 +50,6 @@ class Chat:
         self.history: list[dict] = []
 
     def reply(self, text: str) -> str:
-        from transformers import TextStreamer
-
-        from evotune.train.evaluate import greedy_generate
-
         self.history.append({"role": "user", "content": text})
         streamer = TextStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
         ids = greedy_generate(self.model, [self.prompts(self.history)], max_new_tokens=self.max_new_tokens,
@@ -65,10 +64,6 @@ class Chat:
 
 def load(args: argparse.Namespace):
     """(model, tokenizer) for the command's arguments."""
-    import torch
-
-    from evotune.model.load import load_model, load_tokenizer
-
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = args.dtype or ("auto" if device.startswith("cuda") else "float32")
     model = load_model(args.model_dir, dtype=dtype, device=device)
