@@ -2,7 +2,7 @@
 
 InternEvo can only load weights saved with the tensor/pipeline split it trains
 with; evotune reads any split and writes any split. Facts this module relies on
-(see ``shared/conformance/internlm2/README.md``):
+(docs/models.md, "InternEvo checkpoints", says more):
 
 * shard keys have no ``model.`` prefix and layer indices restart at 0 in every
   pipeline stage; stages follow InternEvo's ``partition_uniform`` (extra layers
