@@ -1,4 +1,4 @@
-"""Varlen attention and chunked loss are exact (DESIGN.md §8, issue 2 a/d)."""
+"""Varlen attention and chunked loss are exact (evotune/model/attention.py, evotune/model/loss.py; issue 2 a/d)."""
 
 from __future__ import annotations
 

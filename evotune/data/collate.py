@@ -5,7 +5,7 @@ kernel needs batch 1 and ``cu_seqlens``); the document boundaries, the maximum
 document length, and the positions of supervised tokens are computed here with
 numpy, so the training step never waits on the device to learn a shape.
 
-Loss weights follow the reduction (DESIGN.md §5):
+Loss weights follow the reduction (docs/loss.md):
 ``'pack'``: each pack's supervised tokens weigh ``1 / (n_sup(pack) * n_packs)``,
 so the micro-batch loss is the mean over packs of each pack's mean CE (InternEvo's
 objective when one pack is one micro-batch; a pack with no target contributes 0);

@@ -12,7 +12,7 @@ is validated with ``bytes.translate`` and a few numpy passes and parsed by
 spacing, errors) only those go through ``json.loads``, which also yields the
 error messages.
 
-Reading rules are InternEvo's (DESIGN.md §3): meta offset = column 0, document
+Reading rules are InternEvo's (docs/data.md, "The folder"): meta offset = column 0, document
 length = last column, documents with ``length >= min_length`` are kept, the
 walk is depth-first with names in ``sorted()`` order, type ids come from the
 sorted top-level folders.

@@ -1,6 +1,6 @@
 """InternEvo's packing: per-file shuffle, fixed-length packs, labels and positions.
 
-Each file is packed on its own (DESIGN.md §4): its kept documents are shuffled
+Each file is packed on its own (docs/data.md, "Packing"): its kept documents are shuffled
 with ``RandomState(1024)`` (fixed, whatever the config seed), concatenated, and
 cut into ``floor(tokens / packed_length)`` packs; the packs of all files are
 concatenated in walk order. Only per-pack document ranges are precomputed (one

@@ -1,6 +1,6 @@
 """InternEvo's global pack order, data-parallel aware and resumable mid-epoch.
 
-The order (DESIGN.md §4, InternEvo's ``StaticBatchSampler`` with the training
+The order (docs/data.md; InternEvo's ``StaticBatchSampler`` with the training
 loop's epoch rollover): one ``np.random.RandomState(seed)`` is created once;
 every epoch shuffles ``arange(num_packs)`` with it (its state carries over from
 epoch to epoch), the permutation is truncated to a multiple of

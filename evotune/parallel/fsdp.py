@@ -10,7 +10,7 @@ reduce_dtype=fp32)``) unless the config or DeepSpeed JSON asks for fp32; on the
 CPU everything is fp32. The root does not cast its floating inputs, so the
 loss weights stay fp32.
 
-How each setting maps (DESIGN.md §7; the cost table is in docs/distributed.md):
+How each setting maps (the cost table is in docs/distributed.md, "Strategies"):
 
 =============  ========================  ==================================================
 strategy       parameters                gradients

@@ -4,7 +4,7 @@
 one data-parallel group are neighbours (on one node when sp <= GPUs per node).
 Data-parallel rank and size, which the sampler needs, are always read from the
 mesh: the ``sp`` ranks of one group get the same ``dp_rank`` and see the same
-packs (DESIGN.md §4).
+packs (docs/data.md, "Order: the sampler").
 
 FSDP shards parameters over every rank that holds the same parameters: with
 sequence parallelism that is ``dp x sp`` flattened (``sp`` ranks hold the same

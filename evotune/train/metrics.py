@@ -1,6 +1,6 @@
 """Step metrics: log lines, ``metrics.jsonl``, throughput and model FLOPs.
 
-Model FLOPs are counted on the real document lengths (DESIGN.md §9): per
+Model FLOPs are counted on the real document lengths (docs/performance.md): per
 trained token ``6 * P`` for the matrix parameters (every linear layer,
 embeddings excluded since a lookup does no matmul, the head included), plus
 causal attention ``6 * L * d_attn * n^2`` for each document segment of length
@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
-# dense bf16 peak TFLOP/s by device name fragment (DESIGN.md §9)
+# dense bf16 datasheet peak TFLOP/s by device name fragment (docs/performance.md names the one used)
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "A800": 312.0, "H800": 989.0}
 
 
