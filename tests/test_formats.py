@@ -68,6 +68,11 @@ def test_atomic_dir_leaves_the_old_folder_until_the_new_one_is_complete(tmp_path
     with AtomicDir(target, overwrite=True) as tmp:
         (tmp / "b.txt").write_text("second")
     assert sorted(p.name for p in target.iterdir()) == ["b.txt"]
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    with AtomicDir(a_file, overwrite=True) as tmp:
+        (tmp / "c.txt").write_text("third")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "out"] and (a_file / "c.txt").is_file()
 
 
 def test_remove_leftovers_puts_back_a_folder_set_aside_by_a_crash_between_renames(tmp_path):

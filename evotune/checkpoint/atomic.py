@@ -37,6 +37,13 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
 def _distributed() -> bool:
     return dist.is_initialized() and dist.get_world_size() > 1
 
@@ -90,7 +97,7 @@ class AtomicDir:
         if self.target.exists():
             os.replace(self.target, self._old)
             os.replace(self.tmp, self.target)
-            shutil.rmtree(self._old, ignore_errors=True)
+            _remove(self._old)
         else:
             os.replace(self.tmp, self.target)
         _fsync_dir(self.target.parent)
@@ -102,10 +109,10 @@ def remove_leftovers(parent) -> None:
     parent = Path(parent)
     for entry in parent.iterdir():
         if entry.name.startswith(TMP_PREFIX):
-            shutil.rmtree(entry, ignore_errors=True)
+            _remove(entry)
         elif entry.name.startswith(OLD_PREFIX):
             original = parent / entry.name[len(OLD_PREFIX):]
             if original.exists():
-                shutil.rmtree(entry, ignore_errors=True)
+                _remove(entry)
             else:
                 os.replace(entry, original)
