@@ -17,13 +17,11 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import warnings
 from pathlib import Path
 
 import torch
-from torch.distributed.checkpoint.state_dict_loader import _load_state_dict_from_keys
 
-from evotune.checkpoint.dcp import HF_CONFIG, TRAINER_STATE, checkpoints_dir, list_checkpoints, model_tensors
+from evotune.checkpoint.dcp import HF_CONFIG, TRAINER_STATE, checkpoints_dir, list_checkpoints, model_plan
 from evotune.checkpoint.hf import DEFAULT_SHARD_BYTES, LazyWeights, export_plan, write_hf_dir
 from evotune.checkpoint.internevo import InternEvoCheckpoint, config_for_json, write_internevo
 from evotune.checkpoint.internlm2 import (
@@ -32,7 +30,6 @@ from evotune.checkpoint.internlm2 import (
     plan_internlm2_to_llama,
     plan_llama_to_internlm2,
 )
-from evotune.checkpoint.plan import Planned
 from evotune.checkpoint.source import ModelSource, detect_format, read_config_json
 from evotune.dtypes import dtype_name, parse_dtype
 from evotune.errors import EvotuneError
@@ -183,24 +180,6 @@ def find_training_checkpoint(src) -> Path:
     return Path(found[-1][1])
 
 
-def _dcp_plan(step_dir: Path) -> dict:
-    """The model weights of a DCP checkpoint as a plan (each tensor read on its own, offline)."""
-    tensors = model_tensors(str(step_dir))
-    if not tensors:
-        raise EvotuneError(f"{step_dir}: the checkpoint holds no model.* tensors")
-
-    def loader(key: str):
-        def load():
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # "assuming the intent is to load in a single process"
-                out = _load_state_dict_from_keys({key}, checkpoint_id=str(step_dir))
-            return out["model"][key.removeprefix("model.")]
-
-        return load
-
-    return {name: Planned(tuple(md.size), md.properties.dtype, loader(key)) for name, (key, md) in tensors.items()}
-
-
 def _source_for(step_dir: Path, model_path) -> tuple[ModelSource | None, object]:
     """(source record, transformers config or dict) for an exported checkpoint.
 
@@ -239,6 +218,6 @@ def pth_to_hf(src, dst, *, model_path=None, save_format: str | None = None, dtyp
     """
     step_dir = find_training_checkpoint(src)
     source, config = _source_for(step_dir, model_path)
-    return export_plan(_dcp_plan(step_dir), config, dst, source=source, save_format=save_format, dtype=dtype,
+    return export_plan(model_plan(str(step_dir)), config, dst, source=source, save_format=save_format, dtype=dtype,
                        tokenizer_path=tokenizer_path, overwrite=overwrite,
                        max_shard_bytes=max_shard_bytes or DEFAULT_SHARD_BYTES)

@@ -41,9 +41,12 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict_loader import _load_state_dict_from_keys
 
 from evotune.checkpoint.atomic import AtomicDir, remove_leftovers
+from evotune.checkpoint.plan import Planned
 from evotune.checkpoint.source import ModelSource
 from evotune.errors import EvotuneError
 
@@ -226,10 +229,7 @@ def load_checkpoint(path: str, *, model, optimizer, scheduler) -> dict:
 def model_tensors(path: str) -> dict[str, tuple[str, object]]:
     """The model tensors of a checkpoint, read from its ``.metadata`` alone:
     ``{transformers name: (DCP key, TensorStorageMetadata)}``; ``SupervisedFinetune``'s ``llm.`` is stripped."""
-    from torch.distributed.checkpoint import FileSystemReader
-    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
-
-    metadata = FileSystemReader(path).read_metadata()
+    metadata = dcp.FileSystemReader(path).read_metadata()
     entries = {key: md for key, md in metadata.state_dict_metadata.items()
                if key.startswith("model.") and isinstance(md, TensorStorageMetadata)}
     names = [key.removeprefix("model.") for key in entries]
@@ -251,3 +251,22 @@ def read_model_state(path: str) -> dict[str, torch.Tensor]:
     with _single_process_quiet():
         dcp.load({"model": model}, checkpoint_id=path, no_dist=True)
     return {name: model[key.removeprefix("model.")] for name, (key, _) in tensors.items()}
+
+
+def model_plan(path: str) -> dict[str, Planned]:
+    """The model weights of a checkpoint as a plan (:mod:`evotune.checkpoint.plan`): each tensor is
+    read on its own when written, in a plain process, so an export never holds the whole model."""
+    tensors = model_tensors(path)
+    if not tensors:
+        raise EvotuneError(f"{path}: the checkpoint holds no model.* tensors")
+
+    def loader(key: str):
+        def load():
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # "assuming the intent is to load in a single process"
+                out = _load_state_dict_from_keys({key}, checkpoint_id=path)
+            return out["model"][key.removeprefix("model.")]
+
+        return load
+
+    return {name: Planned(tuple(md.size), md.properties.dtype, loader(key)) for name, (key, md) in tensors.items()}
