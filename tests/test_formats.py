@@ -99,3 +99,40 @@ def test_one_tokenizer_file_list_for_loading_and_export(tmp_path, tiny_llama_dir
     out = save_hf(load_model(tiny_llama_dir), tmp_path / "hf", tokenizer_path=tok_dir)
     assert (out / "spiece.model").read_bytes() == b"not really a model"
     assert (out / "chat_template.jinja").read_text() == "{{ messages }}"
+
+
+COLLECTIVE_SCRIPT = """
+import json, os, sys
+import torch.distributed as dist
+from evotune.checkpoint.atomic import AtomicDir
+rank, port, target = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+with AtomicDir(target, overwrite=True, collective=True) as tmp:
+    seen_inside = sorted(os.listdir(target))
+    (tmp / f"rank_{rank}.txt").write_text(str(rank))
+seen_after = sorted(os.listdir(target))
+print(json.dumps({"inside": seen_inside, "after": seen_after, "parent": sorted(os.listdir(os.path.dirname(target)))}))
+dist.destroy_process_group()
+"""
+
+
+def test_collective_atomic_dir_renames_once_every_rank_has_written(tmp_path):
+    """Two gloo ranks write one folder: inside the block the old folder is still in place; once any
+    rank leaves, the folder holds both ranks' files and nothing temporary is left."""
+    import socket
+    import subprocess
+    import sys
+
+    target = tmp_path / "step_2"
+    target.mkdir()
+    (target / "old.txt").write_text("previous save")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = [subprocess.Popen([sys.executable, "-c", COLLECTIVE_SCRIPT, str(r), str(port), str(target)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [err[-2000:] for _, err in outs]
+    for out, _ in outs:
+        seen = json.loads(out.strip().splitlines()[-1])
+        assert seen == {"inside": ["old.txt"], "after": ["rank_0.txt", "rank_1.txt"], "parent": ["step_2"]}
