@@ -341,3 +341,15 @@ def test_tied_and_biased_llama_through_internevo(tmp_path):
     x = torch.randint(0, 64, (1, 7))
     with torch.no_grad():
         assert torch.equal(back(x).logits, llama(x).logits)
+
+
+def test_model_config_dtype_is_read_with_the_one_dtype_parser(tmp_path):
+    """InternEvo configs spell dtypes 'torch.bfloat16': read as bfloat16; an unknown one names the file,
+    unless a dtype is asked for."""
+    ckpt = _copy(CONF / "internevo_ckpt_tp1pp1", tmp_path / "ckpt")
+    _edit_config(ckpt, dtype="torch.bfloat16")
+    assert json.loads((internevo2hf(ckpt, tmp_path / "hf") / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    _edit_config(ckpt, dtype="torch.tf32")
+    with pytest.raises(EvotuneError, match=r"model_config.pt dtype: unknown dtype 'torch.tf32'"):
+        load_model(ckpt)
+    assert next(load_model(ckpt, dtype="float32").parameters()).dtype == torch.float32

@@ -80,7 +80,7 @@ def load_internevo(path, dtype: torch.dtype | None = None, ffn_layout: str = "au
     """An InternEvo checkpoint folder (any tp/pp) as a ``LlamaForCausalLM``, and its ``model_config.pt``
     as JSON (the ``config`` of its :class:`~evotune.checkpoint.source.ModelSource`)."""
     ckpt = InternEvoCheckpoint(path, ffn_layout)
-    config = llama_config_from_internlm2(ckpt.internlm2_config(), where=str(Path(path) / CONFIG_NAME))
+    config = llama_config_from_internlm2(ckpt.internlm2_config(dtype=dtype), where=str(Path(path) / CONFIG_NAME))
     plan = plan_internlm2_to_llama(ckpt.plan(), ckpt.heads, ckpt.kv_heads)
     model = build_llama(config, plan, dtype, where=str(path))
     ckpt.release()
