@@ -12,7 +12,9 @@ make configs safe to edit:
   key and the closest valid one, never silently ignored.
 
 Nested ``type=`` dicts are not built automatically (as in XTuner/mmengine): the
-callable that receives one builds it with :func:`build`.
+callable that receives one builds it with :func:`build`. Plain dicts
+(``optim_wrapper``, ``train_dataloader``, ...) and the values are checked by
+:func:`evotune.settings.resolve`, the one reader of the result.
 """
 
 from __future__ import annotations
@@ -23,34 +25,36 @@ import inspect
 import os
 from typing import Any
 
+import evotune
 from evotune.errors import EvotuneError
 
-# Every top-level key a config may define, by part.
+# Every top-level key a config may define. SETTINGS are read by evotune/settings.py (each is a
+# place of a field there); FILE_VARIABLES act only through the lines of the file that use them
+# (warm_up_ratio in param_scheduler), so setting one that no line uses is an error.
 SETTINGS = {
     # model
-    "pretrained_model_name_or_path", "use_varlen_attn", "torch_dtype",
+    "pretrained_model_name_or_path", "use_varlen_attn", "label_smoothing",
     # data
     "dataset_folder", "data_order_path", "min_length", "max_length", "max_length_per_sample",
-    "pack_sample_into_one", "dataset_weights", "valid_folder", "prompt_template", "SYSTEM",
-    "dataloader_num_workers", "seed",
+    "pack_sample_into_one", "dataset_weights", "seed", "batch_size",
     # optimisation
-    "batch_size", "accumulative_counts", "max_epochs", "max_steps", "optim_type", "lr", "betas",
-    "eps", "weight_decay", "max_norm", "warm_up_ratio", "min_lr_ratio", "loss_reduction",
-    "label_smoothing",
+    "accumulative_counts", "max_epochs", "max_steps", "lr", "betas", "eps", "weight_decay", "max_norm",
+    "loss_reduction",
     # parallel
     "sequence_parallel_size", "activation_checkpointing", "torch_compile",
     # saving, logging, evaluation
-    "save_steps", "save_total_limit", "save_format", "log_interval", "evaluation_freq",
-    "evaluation_inputs", "max_new_tokens", "visualizer",
+    "save_steps", "save_total_limit", "save_format", "log_interval", "valid_folder", "evaluation_freq",
+    "evaluation_inputs", "max_new_tokens", "prompt_template", "SYSTEM", "visualizer",
 }
+FILE_VARIABLES = {"warm_up_ratio", "torch_dtype"}
 PARTS = {
     "tokenizer", "model", "train_dataset", "train_dataloader", "optim_wrapper",
     "param_scheduler", "train_cfg", "checkpoint", "randomness", "work_dir",
 }
-KNOWN_KEYS = SETTINGS | PARTS
+KNOWN_KEYS = SETTINGS | FILE_VARIABLES | PARTS
 
 
-def _suggest(name: str, options) -> str:
+def suggest(name: str, options) -> str:
     close = difflib.get_close_matches(name, sorted(options), n=1, cutoff=0.6)
     return f"; did you mean '{close[0]}'?" if close else ""
 
@@ -74,13 +78,15 @@ def _parse_options(options: list[str] | None) -> dict[str, Any]:
 
 
 class _Override(ast.NodeTransformer):
-    """Replace the value of top-level ``name = ...`` assignments."""
+    """Replace the value of top-level ``name = ...`` assignments; note the names the file reads."""
 
     def __init__(self, values: dict[str, Any]):
         self.values = values
         self.seen: set[str] = set()
+        self.used: set[str] = set()
 
     def visit_Module(self, node: ast.Module) -> ast.Module:
+        self.used = {n.id for n in ast.walk(node) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load)}
         for stmt in node.body:
             if isinstance(stmt, ast.Assign) and len(stmt.targets) == 1 and isinstance(stmt.targets[0], ast.Name):
                 name = stmt.targets[0].id
@@ -90,13 +96,7 @@ class _Override(ast.NodeTransformer):
         return node
 
 
-def _namespace_names() -> list[str]:
-    import evotune
-
-    return list(evotune.__all__)
-
-
-def _execute(path: str, source: str, overrides: dict[str, Any]) -> tuple[dict[str, Any], set[str]]:
+def _execute(path: str, source: str, overrides: dict[str, Any]) -> tuple[dict[str, Any], _Override]:
     try:
         tree = ast.parse(source, filename=path)
     except SyntaxError as e:
@@ -109,12 +109,12 @@ def _execute(path: str, source: str, overrides: dict[str, Any]) -> tuple[dict[st
     except NameError as e:
         name = getattr(e, "name", None) or str(e).split("'")[1]
         raise EvotuneError(
-            f"{path}: name '{name}' is not defined{_suggest(name, _namespace_names())} "
+            f"{path}: name '{name}' is not defined{suggest(name, evotune.__all__)} "
             f"(types come from 'from evotune import ...')"
         ) from None
     except ImportError as e:
         raise EvotuneError(f"{path}: {e}") from None
-    return namespace, transformer.seen
+    return namespace, transformer
 
 
 def _is_config_value(name: str, value: Any) -> bool:
@@ -127,7 +127,9 @@ def load_config(path: str | os.PathLike, cfg_options: list[str] | None = None) -
     """Run the config file and return its validated top-level names.
 
     Names starting with ``_`` are private helpers and are dropped; imported
-    callables are dropped too. ``cfg_options`` are ``key=value`` strings.
+    callables are dropped too. ``cfg_options`` are ``key=value`` strings. Two
+    private keys are added: ``_config_path`` and ``_cfg_options`` (the parsed
+    overrides). :func:`evotune.settings.resolve` turns the result into typed settings.
     """
     path = os.fspath(path)
     if not os.path.isfile(path):
@@ -136,18 +138,24 @@ def load_config(path: str | os.PathLike, cfg_options: list[str] | None = None) -
         source = f.read()
     overrides = _parse_options(cfg_options)
     top = {k: v for k, v in overrides.items() if "." not in k}
-    namespace, seen = _execute(path, source, top)
+    namespace, transformer = _execute(path, source, top)
     cfg = {k: v for k, v in namespace.items() if not k.startswith("__") and _is_config_value(k, v)}
     for key, value in top.items():
-        if key not in seen:
+        if key not in transformer.seen:
             if key not in KNOWN_KEYS:
-                raise EvotuneError(f"--cfg-options: unknown key '{key}'{_suggest(key, KNOWN_KEYS | set(cfg))}")
+                raise EvotuneError(f"--cfg-options: unknown key '{key}'{suggest(key, KNOWN_KEYS | set(cfg))}")
             cfg[key] = value
     for key, value in overrides.items():
         if "." in key:
             _set_dotted(cfg, key, value)
     validate(cfg, path)
+    for key in sorted(FILE_VARIABLES & set(cfg) - transformer.used):
+        where = "--cfg-options" if key in top else path
+        raise EvotuneError(f"{where}: {key} is set but no line of {os.path.basename(path)} uses it; it acts only "
+                           f"where the config passes it on (e.g. in param_scheduler or model), so pass it on or "
+                           f"remove it")
     cfg["_config_path"] = os.path.abspath(path)
+    cfg["_cfg_options"] = overrides  # evotune.settings names them as the source of a value
     return cfg
 
 
@@ -162,10 +170,10 @@ def _set_dotted(cfg: dict, key: str, value: Any) -> None:
         else:
             where = ".".join(parts[: i + 1])
             options = node.keys() if isinstance(node, dict) else []
-            raise EvotuneError(f"--cfg-options: '{where}' is not in the config{_suggest(part, options)}")
+            raise EvotuneError(f"--cfg-options: '{where}' is not in the config{suggest(part, options)}")
     last = parts[-1]
     if isinstance(node, dict) and last not in node and "type" in node:
-        _check_type_keys(node | {last: value}, key)
+        check_type_keys(node | {last: value}, key)
     node[last] = value
 
 
@@ -176,7 +184,7 @@ def validate(cfg: dict[str, Any], where: str = "config") -> None:
             continue
         if key not in KNOWN_KEYS:
             raise EvotuneError(
-                f"{where}: unknown key '{key}'{_suggest(key, KNOWN_KEYS)} "
+                f"{where}: unknown key '{key}'{suggest(key, KNOWN_KEYS)} "
                 f"(prefix private helper names with '_')"
             )
     for key, value in cfg.items():
@@ -186,7 +194,7 @@ def validate(cfg: dict[str, Any], where: str = "config") -> None:
 def _walk_types(value: Any, where: str) -> None:
     if isinstance(value, dict):
         if "type" in value:
-            _check_type_keys(value, where)
+            check_type_keys(value, where)
         for k, v in value.items():
             _walk_types(v, f"{where}.{k}")
     elif isinstance(value, (list, tuple)):
@@ -196,17 +204,16 @@ def _walk_types(value: Any, where: str) -> None:
 
 def _resolve_type(spec_type: Any, where: str):
     if isinstance(spec_type, str):
-        import evotune
-
         if spec_type not in evotune.__all__:
-            raise EvotuneError(f"{where}.type: unknown type '{spec_type}'{_suggest(spec_type, evotune.__all__)}")
+            raise EvotuneError(f"{where}.type: unknown type '{spec_type}'{suggest(spec_type, evotune.__all__)}")
         return getattr(evotune, spec_type)
     if not callable(spec_type):
         raise EvotuneError(f"{where}.type: {spec_type!r} is not callable")
     return spec_type
 
 
-def _check_type_keys(spec: dict, where: str) -> None:
+def check_type_keys(spec: dict, where: str) -> None:
+    """Every key of a ``type=`` dict is a parameter of its callable (unless it takes ``**kwargs``)."""
     fn = _resolve_type(spec["type"], where)
     try:
         sig = inspect.signature(fn)
@@ -218,7 +225,7 @@ def _check_type_keys(spec: dict, where: str) -> None:
     for key in spec:
         if key != "type" and key not in params:
             name = getattr(fn, "__name__", str(fn))
-            raise EvotuneError(f"{where}: '{key}' is not a parameter of {name}{_suggest(key, params)}")
+            raise EvotuneError(f"{where}: '{key}' is not a parameter of {name}{suggest(key, params)}")
 
 
 def build(spec: Any, **extra: Any) -> Any:

@@ -56,13 +56,13 @@ def free_port() -> int:
 
 def run_single(options: list[str], work_dir, **kwargs) -> dict:
     """One in-process training run on the CPU (the reference)."""
-    from evotune.config import load_config
     from evotune.configs import config_path
     from evotune.parallel.env import DistEnv
+    from evotune.settings import load_settings
     from evotune.train.loop import train
 
-    cfg = load_config(config_path("tiny_llama_cpu"), options)
-    return train(cfg, str(work_dir), DistEnv(0, 1, 0, torch.device("cpu")), seed=0, **kwargs)
+    settings = load_settings(config_path("tiny_llama_cpu"), options, seed=0, work_dir=str(work_dir), **kwargs)
+    return train(settings, DistEnv(0, 1, 0, torch.device("cpu")))
 
 
 def assert_same_run(got_dir, ref_dir, rtol=1e-5, atol=1e-6):
@@ -290,16 +290,16 @@ def test_failing_rank_stops_the_others_without_torchrun():
 
 
 def _worker(out_dir: str, options: list[str]) -> None:
-    from evotune.config import load_config
     from evotune.configs import config_path
     from evotune.parallel.env import process_group
+    from evotune.settings import load_settings
     from evotune.train.loop import train
 
     with process_group("cpu", launcher="pytorch") as env:
         for name in PRESET_NAMES:
-            cfg = load_config(config_path("tiny_llama_cpu"), options)
             zero = read_deepspeed(name) if name in PRESETS else None
-            train(cfg, os.path.join(out_dir, name), env, seed=0, zero=zero)
+            train(load_settings(config_path("tiny_llama_cpu"), options, seed=0, work_dir=os.path.join(out_dir, name),
+                                deepspeed=zero), env)
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ import torch
 import torch.multiprocessing as mp
 
 from evotune.errors import EvotuneError
+from evotune.settings import resolve
 from evotune.train.evaluate import (PromptEncoder, build_sample_evaluator, generate_samples,
                                     greedy_generate)
 
@@ -114,7 +115,7 @@ def test_samples_at_start_every_freq_steps_and_at_end(chat_dir, tmp_path):
     cfg = {"evaluation_inputs": INPUTS[:2], "evaluation_freq": 3, "max_new_tokens": 5,
            "prompt_template": "internlm2_chat", "SYSTEM": "be brief"}
     printed = []
-    ev = build_sample_evaluator(cfg, str(tmp_path), tok, print_fn=printed.append)
+    ev = build_sample_evaluator(resolve(cfg).eval, str(tmp_path), tok, print_fn=printed.append)
     n_steps = 7
     ev.run(model, 0)  # the loop calls this before the first step
     for step in range(1, n_steps + 1):
@@ -129,9 +130,9 @@ def test_samples_at_start_every_freq_steps_and_at_end(chat_dir, tmp_path):
     assert len(printed) == 4 and INPUTS[0] in printed[0]
     # other ranks generate too but write nothing
     other = tmp_path / "rank1"
-    build_sample_evaluator(cfg, str(other), tok, is_main=False, print_fn=printed.append).run(model, 0)
+    build_sample_evaluator(resolve(cfg).eval, str(other), tok, is_main=False, print_fn=printed.append).run(model, 0)
     assert not other.exists() and len(printed) == 4
-    assert build_sample_evaluator({}, str(tmp_path), tok) is None
+    assert build_sample_evaluator(resolve({}).eval, str(tmp_path), tok) is None
 
 
 @pytest.mark.parametrize("key, value, message", [
@@ -146,7 +147,7 @@ def test_bad_evaluation_settings_name_the_key(chat_dir, tmp_path, key, value, me
 
     cfg = {"evaluation_inputs": ["hi"], key: value}
     with pytest.raises(EvotuneError, match=message):
-        build_sample_evaluator(cfg, str(tmp_path), load_tokenizer(chat_dir))
+        build_sample_evaluator(resolve(cfg).eval, str(tmp_path), load_tokenizer(chat_dir))
 
 
 def test_template_needs_its_special_tokens(tmp_path):
@@ -185,7 +186,7 @@ def _fsdp_worker(rank: int, world: int, port: int, chat_dir: str, work_dir: str,
         fully_shard(model, mesh=mesh, reshard_after_forward=True)
         cfg = {"evaluation_inputs": INPUTS, "evaluation_freq": 1, "max_new_tokens": 8,
                "prompt_template": "internlm2_chat"}
-        ev = build_sample_evaluator(cfg, work_dir, tok, is_main=rank == 0)
+        ev = build_sample_evaluator(resolve(cfg).eval, work_dir, tok, is_main=rank == 0)
         result = {"start": ev.run(model, 0)}  # before any training forward: the wrapper must become the root
         # each rank its own prompt: rank 0 stops early, rank 1 runs to max_new_tokens (needs the synced stop)
         enc = PromptEncoder(tok, "internlm2_chat")

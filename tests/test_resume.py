@@ -221,13 +221,13 @@ def test_world_size_2_checkpoint_continues_on_one_process(uninterrupted, tiny_ll
 
 
 def test_a_fresh_run_sets_an_earlier_runs_checkpoints_aside(tmp_path):
-    from evotune.train.loop import _set_aside_old_checkpoints
+    from evotune.checkpoint.checkpointer import set_aside
 
     root = tmp_path / "checkpoints"
     (root / "step_7").mkdir(parents=True)
     for name in (".metadata", "trainer_state.json"):
         (root / "step_7" / name).write_text("{}")
-    _set_aside_old_checkpoints(str(root))
+    set_aside(str(root))
     assert not root.exists()
     [aside] = [p for p in tmp_path.iterdir() if p.name.startswith("checkpoints.")]
     assert (aside / "step_7" / ".metadata").exists()

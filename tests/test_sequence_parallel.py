@@ -196,18 +196,18 @@ def test_replicated_kv_heads_keep_each_query_heads_pairing():
 
 
 def _worker(out_dir: str, options: list[str]) -> None:
-    from evotune.config import load_config
     from evotune.configs import config_path
     from evotune.parallel.env import process_group
     from evotune.parallel.zero import read_deepspeed
+    from evotune.settings import load_settings
     from evotune.train.loop import train
 
     with process_group("cpu", launcher="pytorch") as env:
         _module_cases(env.rank, out_dir)
         for preset in TRAIN_PRESETS:
-            cfg = load_config(config_path("tiny_llama_cpu"), options)
             zero = read_deepspeed(preset) if preset != "replicate" else None
-            train(cfg, os.path.join(out_dir, preset), env, seed=0, zero=zero)
+            train(load_settings(config_path("tiny_llama_cpu"), options, seed=0,
+                                work_dir=os.path.join(out_dir, preset), deepspeed=zero), env)
 
 
 if __name__ == "__main__":

@@ -166,11 +166,11 @@ def test_token_ids_beyond_vocab_are_rejected_before_training(tmp_path, tiny_llam
 def test_bad_evaluation_freq_with_validation_only_names_the_key(tmp_path, freq):
     """Without evaluation_inputs the validation loss alone reads evaluation_freq: checked at start-up too."""
     from evotune.errors import EvotuneError
-    from evotune.train.validate import Validator
+    from evotune.settings import resolve
 
-    cfg = {"valid_folder": str(tmp_path), "train_dataset": {"packed_length": 64}, "evaluation_freq": freq}
+    cfg = {"valid_folder": str(tmp_path), "evaluation_freq": freq}
     with pytest.raises(EvotuneError, match="^evaluation_freq: expected a positive integer"):
-        Validator(cfg, pmesh=None, device=torch.device("cpu"))
+        resolve(cfg)  # the settings every reader takes, validation included
 
 
 @pytest.fixture(scope="module")

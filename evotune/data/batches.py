@@ -1,8 +1,9 @@
 """``evotune batches CONFIG --steps N``: the micro-batches one rank would train on, as JSON lines.
 
-The data are built from the config exactly as training builds them
-(``train_dataset`` and ``train_dataloader.sampler``, ``micro_num = batch_size *
-accumulative_counts`` packs per optimizer step per data-parallel rank), so the
+The data are built from the settings exactly as training builds them
+(:func:`evotune.data.build.build_data`: ``train_dataset`` and
+``train_dataloader.sampler``, ``micro_num = batch_size * accumulative_counts``
+packs per optimizer step per data-parallel rank), so the
 output can be compared with InternEvo's batches or inspected before a long run.
 One line per micro-batch: ``{"step", "micro", "input_ids", "labels",
 "cu_seqlens", "position_ids", "type_ids"}``; a micro-batch of ``batch_size``
@@ -18,7 +19,9 @@ import sys
 
 import numpy as np
 
+from evotune.data.build import build_data
 from evotune.errors import EvotuneError
+from evotune.settings import Settings, load_settings
 
 FIELDS = ("input_ids", "labels", "cu_seqlens", "position_ids", "type_ids")
 
@@ -44,44 +47,28 @@ def _row(packs: list[dict]) -> dict:
     return row
 
 
-def build_data(cfg: dict, dp_size: int, dp_rank: int):
-    """``(dataset, sampler)`` of data-parallel rank ``dp_rank``: what training builds from the config."""
-    from evotune.config import build
-    from evotune.data.sampler import SequenceParallelSampler
-
-    if "train_dataset" not in cfg:
-        raise EvotuneError("the config has no train_dataset")
-    dataset = build(cfg["train_dataset"])
-    micro_num = int(cfg.get("batch_size", 1) or 1) * int(cfg.get("accumulative_counts", 1) or 1)
-    spec = (cfg.get("train_dataloader") or {}).get("sampler") or {"type": SequenceParallelSampler}
-    return dataset, build(spec, dataset=dataset, dp_size=dp_size, dp_rank=dp_rank, micro_num=micro_num)
-
-
-def micro_batches(cfg: dict, steps: int, world_size: int = 1, rank: int = 0):
+def micro_batches(settings: Settings, steps: int, world_size: int = 1, rank: int = 0):
     """Yield ``(step, micro, row)`` for ``steps`` optimizer steps of global rank ``rank``."""
-    sp = int(cfg.get("sequence_parallel_size", 1) or 1)
+    sp = settings.parallel.sequence_parallel_size
     if world_size < 1 or world_size % sp:
         raise EvotuneError(f"--world-size {world_size} must be a positive multiple of sequence_parallel_size {sp}")
     if not 0 <= rank < world_size:
         raise EvotuneError(f"--rank {rank} must lie in [0, --world-size {world_size})")
-    batch_size = int(cfg.get("batch_size", 1) or 1)
-    accum = int(cfg.get("accumulative_counts", 1) or 1)
-    dataset, sampler = build_data(cfg, world_size // sp, rank // sp)
+    accum = settings.optim.accumulative_counts
+    dataset, sampler = build_data(settings.data, accum, world_size // sp, rank // sp)
     stream = iter(sampler)
     for step in range(steps):
         for micro in range(accum):
-            yield step, micro, _row([dataset[next(stream)] for _ in range(batch_size)])
+            yield step, micro, _row([dataset[next(stream)] for _ in range(settings.data.batch_size)])
 
 
 def main(args: argparse.Namespace) -> int:
-    from evotune.config import load_config
-
     if args.steps < 0:
         raise EvotuneError(f"--steps must be >= 0, got {args.steps}")
-    cfg = load_config(args.config, args.cfg_options)
+    settings = load_settings(args.config, args.cfg_options)
     out = open(args.out, "w", encoding="utf-8") if args.out else sys.stdout
     try:
-        for step, micro, row in micro_batches(cfg, args.steps, args.world_size, args.rank):
+        for step, micro, row in micro_batches(settings, args.steps, args.world_size, args.rank):
             out.write(json.dumps({"step": step, "micro": micro, **row}, separators=(",", ":")) + "\n")
     finally:
         if args.out:

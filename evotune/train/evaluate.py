@@ -1,6 +1,7 @@
 """Sample answers during training: watch what the model learns (XTuner's ``evaluation_inputs``).
 
-Config keys: ``evaluation_inputs`` (list of user messages), ``evaluation_freq``
+Settings (:class:`evotune.settings.EvalSettings`, from the config keys):
+``evaluation_inputs`` (list of user messages), ``evaluation_freq``
 (steps; None: only at the start and the end), ``SYSTEM`` (system message),
 ``prompt_template`` (a template name from :mod:`evotune.data.templates`,
 ``'tokenizer'`` for the tokenizer's own ``chat_template``, or None: the
@@ -41,8 +42,9 @@ import torch
 import torch.distributed as dist
 
 from evotune.errors import EvotuneError
+from evotune.settings import EvalSettings
 
-DEFAULT_MAX_NEW_TOKENS = 600  # XTuner's EvaluateChatHook default
+DEFAULT_MAX_NEW_TOKENS = EvalSettings.max_new_tokens  # XTuner's EvaluateChatHook default
 SAMPLES_FILE = "eval_samples.jsonl"
 _PLACEHOLDER = "x"  # stands for the reply when a template renders a generation prompt
 
@@ -261,29 +263,15 @@ class SampleEvaluator:
         return outputs
 
 
-def positive_int(cfg: dict, key: str, default):
-    value = cfg.get(key, default)
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise EvotuneError(f"{key}: expected a positive integer, got {value!r}")
-    return value
-
-
-def build_sample_evaluator(cfg: dict, work_dir: str, tokenizer, *, is_main: bool = True, append: bool = False,
-                           print_fn: Callable[[str], None] = print,
+def build_sample_evaluator(evaluation: EvalSettings, work_dir: str, tokenizer, *, is_main: bool = True,
+                           append: bool = False, print_fn: Callable[[str], None] = print,
                            device: torch.device | str | None = None) -> SampleEvaluator | None:
-    """The evaluator the config asks for, or None without ``evaluation_inputs``."""
-    inputs = cfg.get("evaluation_inputs")
-    if not inputs:
+    """The evaluator the settings ask for, or None without ``evaluation_inputs``."""
+    if not evaluation.inputs:
         return None
-    if isinstance(inputs, str) or not isinstance(inputs, (list, tuple)) or not all(
-            isinstance(x, str) and x for x in inputs):
-        raise EvotuneError(f"evaluation_inputs: expected a list of non-empty strings, got {inputs!r}")
     if tokenizer is None:
         raise EvotuneError("evaluation_inputs needs a tokenizer: set tokenizer = dict(type=load_tokenizer, path=...) "
                            "to a folder with tokenizer files")
-    return SampleEvaluator(tokenizer, inputs, work_dir, system=cfg.get("SYSTEM"), template=cfg.get("prompt_template"),
-                           max_new_tokens=positive_int(cfg, "max_new_tokens", DEFAULT_MAX_NEW_TOKENS),
-                           freq=positive_int(cfg, "evaluation_freq", None), is_main=is_main, append=append,
-                           print_fn=print_fn, device=device)
+    return SampleEvaluator(tokenizer, evaluation.inputs, work_dir, system=evaluation.system,
+                           template=evaluation.prompt_template, max_new_tokens=evaluation.max_new_tokens,
+                           freq=evaluation.freq, is_main=is_main, append=append, print_fn=print_fn, device=device)

@@ -1,15 +1,17 @@
 """The training loop, readable top to bottom.
 
-``train(cfg, work_dir, env)`` builds everything from the config: the (dp, sp)
+``train(settings, env)`` builds everything from the settings
+(:mod:`evotune.settings`): the (dp, sp)
 mesh, the data in InternEvo's order for this data-parallel rank, the model
 (sharded with FSDP2 as the ``--deepspeed`` preset says), optimizer and
 schedule; it resumes from a checkpoint when asked. Then for each optimizer
 step: take ``accumulative_counts`` micro-batches, run forward and backward on
-each with InternEvo's loss weights, clip, step, log, save a checkpoint every
-``save_steps``. At the end it saves a last checkpoint and exports the model as a
+each with InternEvo's loss weights, clip, step, log; the
+:class:`~evotune.checkpoint.checkpointer.Checkpointer` saves every
+``checkpoint.interval`` steps and at the end. Then the model is exported as a
 Hugging Face directory in ``<work_dir>/hf``.
 
-Loss weights (DESIGN.md §5): the collate function gives each supervised token
+Loss weights (docs/architecture.md): the collate function gives each supervised token
 its weight inside its micro-batch; the loop scales by ``1 / accumulative_counts``
 (``loss_reduction='pack'``, InternEvo's objective) or by
 ``dp / global supervised tokens of the step`` (``'token'``). Gradients are then
@@ -28,11 +30,12 @@ Logged ``loss`` is that global objective (averaged over data-parallel ranks);
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -40,17 +43,19 @@ import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
 from evotune.checkpoint import dcp
+from evotune.checkpoint.checkpointer import Checkpointer, Resumed, TrainState
 from evotune.checkpoint.hf import save_hf
 from evotune.config import build
-from evotune.data.batches import build_data
+from evotune.data.build import build_data
 from evotune.data.collate import model_inputs, packed_collate
 from evotune.data.loader import StepLoader
+from evotune.dtypes import dtype_name, parse_dtype
 from evotune.errors import EvotuneError
 from evotune.parallel.env import DistEnv
 from evotune.parallel.fsdp import clip_grad_norm_, parallelize, set_micro_batch, strategy_for
 from evotune.parallel.mesh import ParallelMesh, build_mesh
 from evotune.parallel.ulysses import check_heads, shard_row
-from evotune.parallel.zero import ZeroSettings
+from evotune.settings import ScheduleSettings, Settings
 from evotune.train import metrics as M
 from evotune.train.evaluate import build_sample_evaluator
 from evotune.train.optim import build_optimizer
@@ -59,14 +64,6 @@ from evotune.train.schedule import build_scheduler
 from evotune.train.tensorboard import build_visualizer
 from evotune.train.type_loss import TypeLoss
 from evotune.train.validate import Validator
-
-@dataclass
-class TrainState:
-    """What changes step to step and must survive a resume."""
-
-    step: int = 0
-    consumed_tokens: int = 0
-    sampler: dict = field(default_factory=dict)
 
 
 def seed_everything(seed: int) -> None:
@@ -82,191 +79,129 @@ def _all_reduce(value: torch.Tensor, pmesh: ParallelMesh) -> torch.Tensor:
     return value
 
 
-def total_steps(cfg: dict, steps_per_epoch: int) -> int:
-    if cfg.get("max_steps"):
-        return int(cfg["max_steps"])
-    epochs = cfg.get("max_epochs", cfg.get("train_cfg", {}).get("max_epochs", 1))
-    return max(1, int(round(epochs * steps_per_epoch)))
+def total_steps(schedule: ScheduleSettings, steps_per_epoch: int) -> int:
+    if schedule.max_steps:
+        return schedule.max_steps
+    return max(1, int(round(schedule.max_epochs * steps_per_epoch)))
 
 
-def compute_dtype(cfg: dict, zero: ZeroSettings | None, device: torch.device) -> torch.dtype:
-    """bf16 on CUDA unless the DeepSpeed JSON or ``optim_wrapper.dtype`` says fp32; fp32 on the CPU."""
-    from evotune.model.load import resolve_dtype
-
+def compute_dtype(settings: Settings, device: torch.device) -> torch.dtype:
+    """bf16 on CUDA unless ``optim.dtype`` (the DeepSpeed JSON or ``optim_wrapper.dtype``) says fp32;
+    fp32 on the CPU."""
     if device.type != "cuda":
         return torch.float32
-    if zero is not None and zero.compute_dtype is not None:
-        return zero.compute_dtype
-    dtype = resolve_dtype((cfg.get("optim_wrapper") or {}).get("dtype"), torch.bfloat16)
+    dtype = parse_dtype(settings.optim.dtype, torch.bfloat16, what="optim_wrapper.dtype")
     if dtype == torch.float16:
         raise EvotuneError("optim_wrapper.dtype='float16': fp16 training needs loss scaling, which evotune "
                            "does not do; use 'bfloat16'")
     return dtype
 
 
-def check_compile(cfg: dict, device: torch.device, dtype: torch.dtype) -> None:
+def check_compile(settings: Settings, device: torch.device, dtype: torch.dtype) -> None:
     """``torch_compile`` needs the CUDA varlen kernel (16-bit compute on a GPU): elsewhere attention
     runs one SDPA call per document, which breaks the graph and recompiles for every new count."""
-    model_cfg = cfg.get("model") or {}
-    if model_cfg.get("torch_compile") and model_cfg.get("use_varlen_attn", True) and (
+    if settings.parallel.torch_compile and settings.model.use_varlen_attn and (
             device.type != "cuda" or dtype == torch.float32):
         raise EvotuneError(
             f"torch_compile=True needs bf16 compute on a GPU (here: {device.type}, "
-            f"{str(dtype).removeprefix('torch.')}): without the CUDA varlen kernel attention runs per "
+            f"{dtype_name(dtype)}): without the CUDA varlen kernel attention runs per "
             "document and recompiles constantly; set torch_compile=False or optim_wrapper.dtype='bfloat16'")
 
 
-def checkpoint_settings(cfg: dict) -> tuple[int, int]:
-    """``(interval, keep)`` from ``checkpoint = dict(interval, max_keep_ckpts)`` or
-    ``save_steps``/``save_total_limit``; interval 0: only at the end; keep < 1: all."""
-    ck = cfg.get("checkpoint") or {}
-    interval = ck.get("interval", cfg.get("save_steps")) or 0
-    keep = ck.get("max_keep_ckpts", cfg.get("save_total_limit"))
-    return int(interval), -1 if keep is None else int(keep)
+@dataclass
+class _Model:
+    """The sharded module and what the loop needs to know of the model inside it."""
+
+    module: torch.nn.Module
+    llm: torch.nn.Module
+    compute_dtype: torch.dtype
+    export_dtype: torch.dtype
+    flops: tuple  # (matmul parameters, layers, attention width): metrics.model_flops's model inputs
 
 
-def train(cfg: dict, work_dir: str, env: DistEnv, *, seed: int | None = None,
-          zero: ZeroSettings | None = None, resume: str | None = None) -> dict:
-    """Run the whole training; returns a summary (final loss, steps, paths).
-
-    ``zero``: the ``--deepspeed`` setting (None: plain data parallel);
-    ``resume``: ``'auto'`` or a checkpoint path (``--resume``).
-    """
-    seed = seed if seed is not None else (cfg.get("randomness") or {}).get("seed") or cfg.get("seed") or 0
-    seed_everything(seed)
-    os.makedirs(work_dir, exist_ok=True)
-    pmesh = build_mesh(env, cfg.get("sequence_parallel_size", 1))
-    strategy = strategy_for(zero)
-    accum = int(cfg.get("accumulative_counts", 1))
-    batch_size = int(cfg.get("batch_size", 1))
-    loss_reduction = cfg.get("loss_reduction", "pack")
-
-    dataset, sampler = build_data(cfg, pmesh.dp_size, pmesh.dp_rank)
-    if len(dataset) == 0:
-        raise EvotuneError(f"dataset_folder '{cfg.get('dataset_folder')}': no pack of max_length tokens could be made")
-    model = build(cfg["model"])
+def _build_model(settings: Settings, dataset, pmesh: ParallelMesh, strategy, env: DistEnv) -> _Model:
+    """Build the model, check it against the data and the mesh, shard it (FSDP2)."""
+    if settings.model.spec is None:
+        raise EvotuneError("the config has no model = dict(type=SupervisedFinetune, llm=...)")
+    model = build(settings.model.spec)
     llm = model.llm
     dataset.check_vocab_size(llm.get_input_embeddings().num_embeddings)
     heads = llm.config.num_attention_heads
     check_heads(heads, getattr(llm.config, "num_key_value_heads", None) or heads, pmesh.sp_size,
-                where=f"model '{cfg.get('pretrained_model_name_or_path')}'")
+                where=f"model '{settings.model.path}'")
     export_dtype = next(p.dtype for p in llm.parameters() if p.is_floating_point())
-    dtype = compute_dtype(cfg, zero, env.device)
-    check_compile(cfg, env.device, dtype)
-    n_matmul = M.matmul_params(llm)
-    n_layers, attn_dim = M.attention_dim(llm)
+    dtype = compute_dtype(settings, env.device)
+    check_compile(settings, env.device, dtype)
+    flops = (M.matmul_params(llm), *M.attention_dim(llm))
     model = parallelize(model, pmesh, strategy, env.device, dtype)
     model.train()
+    return _Model(model, llm, dtype, export_dtype, flops)
 
-    optim_cfg = cfg["optim_wrapper"]
-    optimizer = build_optimizer(optim_cfg["optimizer"], [p for p in model.parameters() if p.requires_grad],
+
+def train(settings: Settings, env: DistEnv) -> dict:
+    """Run the whole training; returns a summary (final loss, steps, paths)."""
+    s = settings
+    seed_everything(s.runtime.seed)
+    work_dir = s.runtime.work_dir
+    os.makedirs(work_dir, exist_ok=True)
+    pmesh = build_mesh(env, s.parallel.sequence_parallel_size)
+    strategy = strategy_for(s.parallel.deepspeed)
+    dataset, sampler = build_data(s.data, s.optim.accumulative_counts, pmesh.dp_size, pmesh.dp_rank)
+    if len(dataset) == 0:
+        raise EvotuneError(f"dataset_folder '{s.data.folder}': no pack of max_length tokens could be made")
+    m = _build_model(s, dataset, pmesh, strategy, env)
+    optimizer = build_optimizer(s.optim.optimizer, [p for p in m.module.parameters() if p.requires_grad],
                                 env.device)
-    max_norm = (optim_cfg.get("clip_grad") or {}).get("max_norm")
-    if zero is not None and zero.gradient_clipping is not None:
-        max_norm = zero.gradient_clipping
-    n_steps = total_steps(cfg, sampler.steps_per_epoch)
-    scheduler = build_scheduler(optimizer, [build(p) for p in cfg.get("param_scheduler", [])],
-                                sampler.steps_per_epoch, n_steps)
-    ckpt_root = dcp.checkpoints_dir(work_dir)
-    save_interval, keep = checkpoint_settings(cfg)
-
-    state = TrainState()
-    resume_path = dcp.resolve_resume(resume, work_dir) if resume else None
-    loaded = None
-    if resume_path:
-        load_start = time.perf_counter()
-        loaded = dcp.load_checkpoint(resume_path, model=model, optimizer=optimizer, scheduler=scheduler)
-        load_time = time.perf_counter() - load_start
-        state = TrainState(loaded["step"], loaded["consumed_tokens"], loaded["sampler"])
+    n_steps = total_steps(s.schedule, sampler.steps_per_epoch)
+    scheduler = build_scheduler(optimizer, [build(p) for p in s.schedule.phases], sampler.steps_per_epoch, n_steps)
+    checkpointer = Checkpointer(
+        work_dir, interval=s.checkpoint.interval, keep=s.checkpoint.keep, model=m.module, optimizer=optimizer,
+        scheduler=scheduler, hf_config=m.llm.config, is_main=env.is_main,
+        meta={"world_size": env.world_size, "dp_size": pmesh.dp_size, "sp_size": pmesh.sp_size,
+              "strategy": strategy.name if pmesh.mesh is not None else "none",
+              "model_source": getattr(m.llm, "evotune_source", None)})
+    resumed = checkpointer.resume(s.runtime.resume)
+    state = resumed.state if resumed else TrainState()
+    if resumed:
         sampler.load_state_dict(state.sampler)
-    elif env.is_main:
-        _set_aside_old_checkpoints(ckpt_root)
 
-    loader = StepLoader(dataset, sampler, batch_size=batch_size, micro_num=accum,
-                        collate=lambda packs: shard_row(packed_collate(packs, loss_reduction),
-                                                        pmesh.sp_rank, pmesh.sp_size),
-                        pin_memory=env.device.type == "cuda")
-    peak = M.peak_tflops(env.device)
-    log_interval = int(cfg.get("log_interval", 1))
+    loader = StepLoader(dataset, sampler, batch_size=s.data.batch_size, micro_num=s.optim.accumulative_counts,
+                        num_workers=s.data.num_workers, pin_memory=env.device.type == "cuda",
+                        collate=functools.partial(_collate, loss_reduction=s.optim.loss_reduction, pmesh=pmesh))
     metrics_path = os.path.join(work_dir, "metrics.jsonl")
-    if env.is_main and loaded:
+    if env.is_main and resumed:
         _trim_metrics(metrics_path, state.step)
-    writer = M.MetricsWriter(metrics_path, enabled=env.is_main, append=loaded is not None)
-    visualizer = build_visualizer(cfg.get("visualizer"), work_dir, enabled=env.is_main)
+    writer = M.MetricsWriter(metrics_path, enabled=env.is_main, append=resumed is not None)
+    visualizer = build_visualizer(s.logging.visualizer, work_dir, enabled=env.is_main)
     progress = Progress(n_steps, enabled=env.is_main, start=state.step)
-    tokenizer = build(cfg["tokenizer"]) if cfg.get("evaluation_inputs") and cfg.get("tokenizer") else None
-    samples = build_sample_evaluator(cfg, work_dir, tokenizer, is_main=env.is_main, append=loaded is not None,
+    tokenizer = build(s.model.tokenizer) if s.eval.inputs and s.model.tokenizer else None
+    samples = build_sample_evaluator(s.eval, work_dir, tokenizer, is_main=env.is_main, append=resumed is not None,
                                      print_fn=progress.print, device=env.device)
-    validator = Validator(cfg, pmesh, env.device) if cfg.get("valid_folder") else None
+    validator = Validator(s.eval, s.data, pmesh, env.device) if s.eval.valid_folder else None
     type_loss = TypeLoss(dataset.type_names, env.device) if dataset.type_names else None
-    global_batch = pmesh.dp_size * batch_size * accum
-    progress.print(
-        f"evotune: {len(dataset)} packs of {dataset.packed_length} tokens, {sampler.steps_per_epoch} steps/epoch, "
-        f"{n_steps} steps; global batch {global_batch} packs = {global_batch * dataset.packed_length} tokens "
-        f"(dp {pmesh.dp_size} x batch {batch_size} x accumulation {accum})"
-    )
-    progress.print(f"evotune: {env.world_size} process(es) on {env.device.type}, "
-                   f"{'FSDP2 ' + strategy.name if pmesh.mesh is not None else 'no sharding'}, "
-                   f"compute {str(dtype).removeprefix('torch.')}, master weights float32"
-                   + (f"; --deepspeed {zero.source}: ignored {', '.join(zero.ignored)}" if zero and zero.ignored
-                      else ""))
-    if loaded:
-        progress.print(f"evotune: resumed from {resume_path} in {load_time:.2f} s (step {state.step}, saved by "
-                       f"{loaded.get('world_size')} process(es))")
-        dcp.set_rng_state(loaded["rng"])  # last: the model and data were built with the seed's RNG
-    elif resume:
-        progress.print(f"evotune: --resume {resume}: no checkpoint in {ckpt_root}; starting from scratch")
+    step_fn = _Stepper(s, m, optimizer, scheduler, env, pmesh, strategy, type_loss)
+    _print_start(progress, s, env, pmesh, strategy, dataset, sampler, n_steps, m.compute_dtype, resumed)
+    checkpointer.restore_rng()  # last: the model and data were built with the seed's RNG
 
     last_loss = float("nan")
-    saved_step = state.step if loaded else None
     try:
         if samples:
-            samples.run(model, state.step)
+            samples.run(m.module, state.step)
         while state.step < n_steps:
-            t0 = time.perf_counter()
-            step = next(loader)
-            step_loss, tokens, doc_lengths = _train_step(model, step.micro_batches, env, pmesh, strategy,
-                                                         accum, loss_reduction, type_loss)
-            grad_norm = clip_grad_norm_(model.parameters(), max_norm)
-            optimizer.step()
-            lr = scheduler.get_last_lr()[0]
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-
-            flops = M.model_flops(n_matmul, n_layers, attn_dim, doc_lengths) / pmesh.sp_size  # a share per sp rank
-            stats = torch.tensor([step_loss, tokens, flops],
-                                 dtype=torch.float64, device=env.device)
-            _all_reduce(stats, pmesh)
-            stats = stats.tolist()  # synchronises with the device
-            elapsed = time.perf_counter() - t0
-            state.step += 1
-            state.consumed_tokens += int(stats[1])
-            state.sampler = step.sampler_state
-            last_loss = stats[0] / pmesh.dp_size
-            record = {
-                "step": state.step, "loss": last_loss, "lr": lr, "grad_norm": grad_norm,
-                "tokens": state.consumed_tokens, "tgs": stats[1] / env.world_size / elapsed,
-                "data_time": step.data_time, "step_time": elapsed, "epoch": step.sampler_state.get("epoch"),
-            }
-            if peak:
-                record["mfu"] = stats[2] / env.world_size / elapsed / (peak * 1e12)
-            if type_loss:
-                record.update(type_loss.reduce())  # all ranks: one all-reduce
+            record = step_fn(loader, state)
+            last_loss = record["loss"]
             if validator and validator.due(state.step, n_steps):
-                record.update(validator.run(model))
+                record.update(validator.run(m.module))
             writer.write(record)
             if visualizer:
                 visualizer.write(record)
-            if state.step % log_interval == 0 or state.step == n_steps:
+            if state.step % s.logging.interval == 0 or state.step == n_steps:
                 progress.log(record)
             progress.advance()
             if samples and samples.due(state.step, n_steps):
-                samples.run(model, state.step)
-            if save_interval and state.step % save_interval == 0:
-                _save(ckpt_root, state, model, optimizer, scheduler, keep, llm, pmesh, strategy, env, progress)
-                saved_step = state.step
-        if saved_step != state.step:
-            _save(ckpt_root, state, model, optimizer, scheduler, keep, llm, pmesh, strategy, env, progress)
+                samples.run(m.module, state.step)
+            checkpointer.maybe_save(state)
+        checkpointer.maybe_save(state, last=True)
     finally:
         loader.close()
         progress.close()
@@ -275,9 +210,81 @@ def train(cfg: dict, work_dir: str, env: DistEnv, *, seed: int | None = None,
             visualizer.close()
 
     hf_dir = os.path.join(work_dir, "hf")
-    _export(model, llm, cfg, hf_dir, env, export_dtype)
+    _export(m, s, hf_dir, env)
     return {"final_loss": last_loss, "steps": state.step, "hf_dir": hf_dir, "metrics": metrics_path,
-            "checkpoint": os.path.join(ckpt_root, f"step_{state.step}")}
+            "checkpoint": checkpointer.path(state.step)}
+
+
+def _collate(packs: list[dict], loss_reduction: str, pmesh: ParallelMesh) -> dict:
+    """One micro-batch: the packs as one row, this sequence-parallel rank's chunk of it."""
+    return shard_row(packed_collate(packs, loss_reduction), pmesh.sp_rank, pmesh.sp_size)
+
+
+def _print_start(progress: Progress, s: Settings, env: DistEnv, pmesh: ParallelMesh, strategy, dataset, sampler,
+                 n_steps: int, dtype: torch.dtype, resumed: Resumed | None) -> None:
+    """The effective settings with their sources, the batch arithmetic, the process layout, the resume."""
+    accum, batch_size, zero = s.optim.accumulative_counts, s.data.batch_size, s.parallel.deepspeed
+    progress.print("evotune: settings (value, where it came from)\n" + s.format_table())
+    global_batch = pmesh.dp_size * batch_size * accum
+    progress.print(
+        f"evotune: {len(dataset)} packs of {dataset.packed_length} tokens, {sampler.steps_per_epoch} steps/epoch, "
+        f"{n_steps} steps; global batch {global_batch} packs = {global_batch * dataset.packed_length} tokens "
+        f"(dp {pmesh.dp_size} x batch {batch_size} x accumulation {accum})"
+    )
+    progress.print(f"evotune: {env.world_size} process(es) on {env.device.type}, "
+                   f"{'FSDP2 ' + strategy.name if pmesh.mesh is not None else 'no sharding'}, "
+                   f"compute {dtype_name(dtype)}, master weights float32"
+                   + (f"; --deepspeed {zero.source}: ignored {', '.join(zero.ignored)}" if zero and zero.ignored
+                      else ""))
+    if resumed:
+        progress.print(f"evotune: resumed from {resumed.path} in {resumed.load_time:.2f} s (step "
+                       f"{resumed.state.step}, saved by {resumed.world_size} process(es))")
+    elif s.runtime.resume:
+        progress.print(f"evotune: --resume {s.runtime.resume}: no checkpoint in "
+                       f"{dcp.checkpoints_dir(s.runtime.work_dir)}; starting from scratch")
+
+
+class _Stepper:
+    """One optimizer step: the loader's next micro-batches, forward/backward, clip, step; the metrics record."""
+
+    def __init__(self, s: Settings, m: _Model, optimizer, scheduler, env: DistEnv, pmesh: ParallelMesh, strategy,
+                 type_loss: TypeLoss | None):
+        self.s, self.m, self.optimizer, self.scheduler = s, m, optimizer, scheduler
+        self.env, self.pmesh, self.strategy, self.type_loss = env, pmesh, strategy, type_loss
+        self.peak = M.peak_tflops(env.device)
+
+    def __call__(self, loader: StepLoader, state: TrainState) -> dict:
+        """Advances ``state`` by one step."""
+        env, pmesh, model = self.env, self.pmesh, self.m.module
+        t0 = time.perf_counter()
+        step = next(loader)
+        step_loss, tokens, doc_lengths = _train_step(model, step.micro_batches, env, pmesh, self.strategy,
+                                                     self.s.optim.accumulative_counts, self.s.optim.loss_reduction,
+                                                     self.type_loss)
+        grad_norm = clip_grad_norm_(model.parameters(), self.s.optim.max_norm)
+        self.optimizer.step()
+        lr = self.scheduler.get_last_lr()[0]
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+        flops = M.model_flops(*self.m.flops, doc_lengths) / pmesh.sp_size  # a share per sp rank
+        stats = torch.tensor([step_loss, tokens, flops], dtype=torch.float64, device=env.device)
+        _all_reduce(stats, pmesh)
+        stats = stats.tolist()  # synchronises with the device
+        elapsed = time.perf_counter() - t0
+        state.step += 1
+        state.consumed_tokens += int(stats[1])
+        state.sampler = step.sampler_state
+        record = {
+            "step": state.step, "loss": stats[0] / pmesh.dp_size, "lr": lr, "grad_norm": grad_norm,
+            "tokens": state.consumed_tokens, "tgs": stats[1] / env.world_size / elapsed,
+            "data_time": step.data_time, "step_time": elapsed, "epoch": step.sampler_state.get("epoch"),
+        }
+        if self.peak:
+            record["mfu"] = stats[2] / env.world_size / elapsed / (self.peak * 1e12)
+        if self.type_loss:
+            record.update(self.type_loss.reduce())  # all ranks: one all-reduce
+        return record
 
 
 def _train_step(model, micro_batches: list[dict], env: DistEnv, pmesh: ParallelMesh, strategy, accum: int,
@@ -308,29 +315,6 @@ def _train_step(model, micro_batches: list[dict], env: DistEnv, pmesh: ParallelM
     return float(total), tokens, doc_lengths
 
 
-def _save(root, state: TrainState, model, optimizer, scheduler, keep, llm, pmesh, strategy, env, progress) -> None:
-    start = time.perf_counter()
-    train_state = {
-        "step": state.step, "consumed_tokens": state.consumed_tokens, "sampler": state.sampler,
-        "world_size": env.world_size, "dp_size": pmesh.dp_size, "sp_size": pmesh.sp_size,
-        "strategy": strategy.name if pmesh.mesh is not None else "none",
-        "model_source": getattr(llm, "evotune_source", None),
-    }
-    path = dcp.save_checkpoint(root, state.step, model=model, optimizer=optimizer, scheduler=scheduler,
-                               train_state=train_state, keep=keep, hf_config=llm.config)
-    progress.print(f"evotune: checkpoint {path} saved in {time.perf_counter() - start:.2f} s")
-
-
-def _set_aside_old_checkpoints(root: str) -> None:
-    """A fresh run must not mix its checkpoints with an earlier run's (``--resume auto``
-    would pick the wrong one, pruning could delete the new ones): move those aside."""
-    if dcp.list_checkpoints(root):
-        aside = f"{root}.{time.strftime('%Y%m%d-%H%M%S')}"
-        os.replace(root, aside)
-        print(f"evotune: {root} held checkpoints of an earlier run; moved to {aside} "
-              "(continue a run with --resume auto)")
-
-
 def _trim_metrics(path: str, step: int) -> None:
     """Drop records past the checkpoint's step (a killed run logged steps it then lost)."""
     if not os.path.exists(path):
@@ -341,15 +325,14 @@ def _trim_metrics(path: str, step: int) -> None:
         f.writelines(lines)
 
 
-def _export(model, llm, cfg: dict, hf_dir: str, env: DistEnv, dtype: torch.dtype) -> None:
+def _export(m: _Model, s: Settings, hf_dir: str, env: DistEnv) -> None:
     """Gather the full weights (rank 0, on the CPU) and write the HF directory in the source's layout."""
-    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True,
+    state = get_model_state_dict(m.module, options=StateDictOptions(full_state_dict=True,
                                                                   cpu_offload=dist.is_initialized()))
     if env.is_main:
-        tokenizer = cfg.get("tokenizer")
-        tokenizer_path = tokenizer.get("path") if isinstance(tokenizer, dict) else None
-        save_hf({k.removeprefix("llm."): v for k, v in state.items()}, hf_dir, config=llm.config,
-                source=getattr(llm, "evotune_source", None), save_format=cfg.get("save_format"),
-                tokenizer_path=tokenizer_path, dtype=dtype, overwrite=True)
+        tokenizer_path = (s.model.tokenizer or {}).get("path")
+        save_hf({k.removeprefix("llm."): v for k, v in state.items()}, hf_dir, config=m.llm.config,
+                source=getattr(m.llm, "evotune_source", None), save_format=s.checkpoint.save_format,
+                tokenizer_path=tokenizer_path, dtype=m.export_dtype, overwrite=True)
     if dist.is_initialized():
         dist.barrier()

@@ -14,9 +14,11 @@ from __future__ import annotations
 import argparse
 import os
 
-from evotune.config import load_config
+from evotune.configs import config_path
 from evotune.errors import EvotuneError
-from evotune.parallel.launch import LAUNCHERS
+from evotune.parallel.launch import LAUNCHERS, relaunch, torchrun_command
+from evotune.parallel.zero import read_deepspeed
+from evotune.settings import load_settings
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -40,8 +42,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def resolve_config_path(name: str) -> str:
     if os.path.isfile(name):
         return name
-    from evotune.configs import config_path
-
     found = config_path(name)
     if found is None:
         raise EvotuneError(f"config '{name}' is neither a file nor a shipped config (see `evotune list-cfg`)")
@@ -60,26 +60,26 @@ def train_argv(args: argparse.Namespace) -> list[str]:
     return argv
 
 
-def main(args: argparse.Namespace) -> int:
-    from evotune.parallel.launch import relaunch, torchrun_command
-    from evotune.parallel.zero import read_deepspeed
+def settings_of(args: argparse.Namespace, zero):
+    """The settings of this command line: the config, ``--cfg-options`` and the flags that set values."""
+    return load_settings(resolve_config_path(args.config), args.cfg_options, seed=args.seed,
+                         work_dir=args.work_dir, resume=args.resume, deepspeed=zero)
 
+
+def main(args: argparse.Namespace) -> int:
+    zero = read_deepspeed(args.deepspeed) if args.deepspeed else None
     if args.launcher == "none" and "RANK" not in os.environ:  # not already started by a launcher
         command = torchrun_command(train_argv(args), os.environ)
         if command is not None:
-            load_config(resolve_config_path(args.config), args.cfg_options)  # a typo: one line, not N tracebacks
+            settings_of(args, zero)  # a typo: one line, not N tracebacks
             return relaunch(command)
 
+    # imported only here: a process that just re-launches under torchrun skips the model stack (~5 s)
     from evotune.parallel.env import process_group
     from evotune.train.loop import train
 
-    zero = read_deepspeed(args.deepspeed) if args.deepspeed else None
     with process_group(args.device, launcher=args.launcher, cpu_offload=bool(zero and zero.offload)) as env:
-        path = resolve_config_path(args.config)
-        cfg = load_config(path, args.cfg_options)
-        name = os.path.splitext(os.path.basename(path))[0]
-        work_dir = args.work_dir or cfg.get("work_dir") or os.path.join("work_dirs", name)
-        summary = train(cfg, work_dir, env, seed=args.seed, zero=zero, resume=args.resume)
+        summary = train(settings_of(args, zero), env)
     if env.is_main:
         print(f"evotune: done: {summary['steps']} steps, final loss {summary['final_loss']:.4f}")
         print(f"evotune: checkpoint in {summary['checkpoint']}")

@@ -18,16 +18,18 @@ import torch.distributed as dist
 from evotune.data.collate import model_inputs, packed_collate
 from evotune.data.packing import build_valid_datasets
 from evotune.parallel.ulysses import shard_row
-from evotune.train.evaluate import is_due, positive_int
+from evotune.settings import DataSettings, EvalSettings
+from evotune.train.evaluate import is_due
+
 
 class Validator:
-    def __init__(self, cfg: dict, pmesh, device: torch.device):
-        self.freq = positive_int(cfg, "evaluation_freq", None)
+    """Packs ``eval.valid_folder`` as the training data is packed (same length, split, filter)."""
+
+    def __init__(self, evaluation: EvalSettings, data: DataSettings, pmesh, device: torch.device):
+        self.freq = evaluation.freq
         self.sets = build_valid_datasets(
-            cfg["valid_folder"], cfg["train_dataset"]["packed_length"],
-            max_length_per_sample=cfg["train_dataset"].get("max_length_per_sample"),
-            pack_sample_into_one=cfg["train_dataset"].get("pack_sample_into_one", False),
-            min_length=cfg.get("min_length", 0))
+            evaluation.valid_folder, data.max_length, max_length_per_sample=data.max_length_per_sample,
+            pack_sample_into_one=data.pack_sample_into_one, min_length=data.min_length)
         self.pmesh = pmesh
         self.device = device
 

@@ -1,0 +1,115 @@
+"""The training run's checkpoint policy: where, how often, how many, resume, train state and RNG.
+
+:class:`Checkpointer` owns ``<work_dir>/checkpoints``: it saves every
+``interval`` optimizer steps and once more at the end (:meth:`maybe_save`),
+keeps the newest ``keep``, resolves ``--resume`` (``auto`` or a path) and loads
+model, optimizer, scheduler and :class:`TrainState` from it, and restores this
+rank's RNG state last (:meth:`restore_rng`), once everything that draws random
+numbers while being built exists. A fresh run sets an earlier run's checkpoints
+aside first, so ``--resume auto`` never mixes two runs. The files themselves are
+written and read by :mod:`evotune.checkpoint.dcp`.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+
+from evotune.checkpoint import dcp
+
+
+@dataclass
+class TrainState:
+    """What changes step to step and must survive a resume."""
+
+    step: int = 0
+    consumed_tokens: int = 0
+    sampler: dict = field(default_factory=dict)
+
+
+@dataclass
+class Resumed:
+    """What :meth:`Checkpointer.resume` loaded."""
+
+    path: str
+    state: TrainState
+    world_size: int | None  # processes of the run that saved it
+    load_time: float
+
+
+def set_aside(root: str) -> str | None:
+    """A fresh run must not mix its checkpoints with an earlier run's (``--resume auto``
+    would pick the wrong one, pruning could delete the new ones): move those aside."""
+    if not dcp.list_checkpoints(root):
+        return None
+    aside = f"{root}.{time.strftime('%Y%m%d-%H%M%S')}"
+    os.replace(root, aside)
+    print(f"evotune: {root} held checkpoints of an earlier run; moved to {aside} "
+          "(continue a run with --resume auto)")
+    return aside
+
+
+class Checkpointer:
+    """Saves and resumes the checkpoints of one run.
+
+    ``meta``: what ``trainer_state.json`` records besides the train state (world
+    layout, model source); ``hf_config``: the model's transformers config.
+    ``interval`` 0: save only at the end; ``keep`` < 1: keep all.
+    """
+
+    def __init__(self, work_dir: str, *, interval: int, keep: int, model, optimizer, scheduler, meta: dict,
+                 hf_config=None, is_main: bool = True):
+        self.root = dcp.checkpoints_dir(work_dir)
+        self.work_dir = work_dir
+        self.interval = interval
+        self.keep = keep
+        self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
+        self.meta = meta
+        self.hf_config = hf_config
+        self.is_main = is_main
+        self.saved_step: int | None = None
+        self._rng: dict | None = None
+
+    def resume(self, resume: str | None) -> Resumed | None:
+        """Load the checkpoint ``--resume`` names (None: a fresh run, which sets an earlier run's aside)."""
+        path = dcp.resolve_resume(resume, self.work_dir) if resume else None
+        if path is None:
+            if self.is_main:
+                set_aside(self.root)
+            return None
+        start = time.perf_counter()
+        loaded = dcp.load_checkpoint(path, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler)
+        state = TrainState(loaded["step"], loaded["consumed_tokens"], loaded["sampler"])
+        self.saved_step = state.step
+        self._rng = loaded["rng"]
+        return Resumed(path, state, loaded.get("world_size"), time.perf_counter() - start)
+
+    def restore_rng(self) -> None:
+        """This rank's RNG as the checkpoint saved it; call last, once the model and data are built."""
+        if self._rng is not None:
+            dcp.set_rng_state(self._rng)
+
+    def due(self, step: int, last: bool = False) -> bool:
+        """Every ``interval`` steps; at the end unless this step is saved already."""
+        if last:
+            return self.saved_step != step
+        return bool(self.interval) and step % self.interval == 0
+
+    def maybe_save(self, state: TrainState, last: bool = False) -> str | None:
+        """Save after ``state.step`` when :meth:`due` (all ranks call it); returns the path saved."""
+        if not self.due(state.step, last):
+            return None
+        start = time.perf_counter()
+        train_state = {"step": state.step, "consumed_tokens": state.consumed_tokens, "sampler": state.sampler,
+                       **self.meta}
+        path = dcp.save_checkpoint(self.root, state.step, model=self.model, optimizer=self.optimizer,
+                                   scheduler=self.scheduler, train_state=train_state, keep=self.keep,
+                                   hf_config=self.hf_config)
+        self.saved_step = state.step
+        if self.is_main:  # print() goes above a progress bar too (rich redirects stdout)
+            print(f"evotune: checkpoint {path} saved in {time.perf_counter() - start:.2f} s")
+        return path
+
+    def path(self, step: int) -> str:
+        return os.path.join(self.root, f"step_{step}")
