@@ -11,7 +11,7 @@ each with InternEvo's loss weights, clip, step, log; the
 ``checkpoint.interval`` steps and at the end. Then the model is exported as a
 Hugging Face directory in ``<work_dir>/hf``.
 
-Loss weights (docs/architecture.md): the collate function gives each supervised token
+Loss weights (docs/loss.md): the collate function gives each supervised token
 its weight inside its micro-batch; the loop scales by ``1 / accumulative_counts``
 (``loss_reduction='pack'``, InternEvo's objective) or by
 ``dp / global supervised tokens of the step`` (``'token'``). Gradients are then
