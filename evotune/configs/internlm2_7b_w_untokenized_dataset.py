@@ -68,7 +68,7 @@ train_dataset = dict(
 
 train_dataloader = dict(
     batch_size=batch_size,
-    num_workers=0,
+    num_workers=0,  # worker processes that read and collate packs (0: one background thread)
     sampler=dict(type=SequenceParallelSampler, shuffle=True))
 
 #######################################################################
