@@ -30,9 +30,6 @@ from evotune.dtypes import parse_dtype
 from evotune.errors import EvotuneError
 from evotune.model.internlm2 import InternLM2Tokenizer, load_internevo, load_internlm2
 
-# train/loop.py still imports the parser under its old name here; it moves to evotune.dtypes.parse_dtype
-resolve_dtype = parse_dtype
-
 
 def _load_hf(p: Path, dtype: torch.dtype | None) -> torch.nn.Module:
     config_dict = read_config_json(p)
