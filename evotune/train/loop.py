@@ -45,6 +45,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from evotune.checkpoint import dcp
 from evotune.checkpoint.checkpointer import Checkpointer, Resumed, TrainState
 from evotune.checkpoint.hf import save_hf
+from evotune.checkpoint.source import ModelSource
 from evotune.config import build
 from evotune.data.build import build_data
 from evotune.data.collate import model_inputs, packed_collate
@@ -159,7 +160,7 @@ def train(settings: Settings, env: DistEnv) -> dict:
         scheduler=scheduler, hf_config=m.llm.config, is_main=env.is_main,
         meta={"world_size": env.world_size, "dp_size": pmesh.dp_size, "sp_size": pmesh.sp_size,
               "strategy": strategy.name if pmesh.mesh is not None else "none",
-              "model_source": getattr(m.llm, "evotune_source", None)})
+              "model_source": ModelSource.of(m.llm)})
     resumed = checkpointer.resume(s.runtime.resume)
     state = resumed.state if resumed else TrainState()
     if resumed:
@@ -332,7 +333,7 @@ def _export(m: _Model, s: Settings, hf_dir: str, env: DistEnv) -> None:
     if env.is_main:
         tokenizer_path = (s.model.tokenizer or {}).get("path")
         save_hf({k.removeprefix("llm."): v for k, v in state.items()}, hf_dir, config=m.llm.config,
-                source=getattr(m.llm, "evotune_source", None), save_format=s.checkpoint.save_format,
+                source=ModelSource.of(m.llm), save_format=s.checkpoint.save_format,
                 tokenizer_path=tokenizer_path, dtype=m.export_dtype, overwrite=True)
     if dist.is_initialized():
         dist.barrier()
