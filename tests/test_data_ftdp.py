@@ -79,16 +79,23 @@ def test_parser_matches_json_loads(tmp_path, monkeypatch, chunk):
     assert folder.max_token_id == max(abs(t) for d in docs for t in d)
 
 
-def test_meta_rows_in_any_order_and_extra_columns(tmp_path):
+def test_meta_extra_columns_and_rows_that_repeat_skip_or_reorder_lines(tmp_path):
+    """Rows must map one-to-one onto line starts, in order (a repeated line would be trained twice)."""
     docs = [[1, 2, 3], [4], [5, 6]]
     lines = [json.dumps({"tokens": d}).encode() + b"\n" for d in docs]
+    offsets = [0, len(lines[0]), len(lines[0]) + len(lines[1])]
     path = tmp_path / "d" / "x.bin"
     _write_lines(path, lines, [3, 1, 2])
-    offsets = [0, len(lines[0]), len(lines[0]) + len(lines[1])]
-    with open(str(path) + ".meta", "wb") as fh:  # rows reversed, three columns (length last)
-        np.save(fh, np.array([[offsets[2], 9, 2], [offsets[1], 9, 1], [offsets[0], 9, 3]], dtype=np.int32))
+    with open(str(path) + ".meta", "wb") as fh:  # three columns (length last)
+        np.save(fh, np.array([[offsets[0], 9, 3], [offsets[1], 9, 1], [offsets[2], 9, 2]], dtype=np.int32))
     (f,) = load_intern_repo_tokenized_dataset(tmp_path / "d").files
-    assert [f.document(r).tolist() for r in range(3)] == [[5, 6], [4], [1, 2, 3]]
+    assert [f.document(r).tolist() for r in range(3)] == docs
+    for rows, bad_row, bad_line in (([0, 0, 2], 1, 1), ([2, 1, 0], 0, 3)):  # repeats line 1 and skips 2; reversed
+        with open(str(path) + ".meta", "wb") as fh:
+            np.save(fh, np.array([[offsets[r], len(docs[r])] for r in rows], dtype=np.int64))
+        with pytest.raises(EvotuneError, match=rf"row {bad_row} points at line {bad_line} of .*x.bin, but row "
+                                               rf"{bad_row} must point at line {bad_row + 1} \(one row per line"):
+            load_intern_repo_tokenized_dataset(tmp_path / "d")
 
 
 def test_cache_is_reused_and_rebuilt_when_the_file_changes(tmp_path, cache, monkeypatch):

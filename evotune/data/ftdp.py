@@ -33,7 +33,7 @@ import numpy as np
 
 from evotune.errors import EvotuneError
 
-INDEX_VERSION = 1
+INDEX_VERSION = 2  # 2: meta rows must map one-to-one, in order, onto lines (older caches skipped that check)
 CACHE_DIRNAME = ".evotune-index"
 TOP_LEVEL_TYPE = "."  # type name of data files lying directly in the training folder
 _CHUNK = 16 << 20  # bytes parsed per vectorised step
@@ -216,13 +216,18 @@ def _match_meta(meta: np.ndarray, parsed: _ParsedBin, meta_path: str, bin_path: 
     if len(offsets) != len(parsed.line_starts):
         raise EvotuneError(f"{meta_path} has {len(offsets)} rows but {bin_path} has {len(parsed.line_starts)} "
                            "lines; each line needs exactly one meta row: regenerate the meta")
-    line = np.searchsorted(parsed.line_starts, offsets)
-    line = np.minimum(line, len(parsed.line_starts) - 1)
-    off_line = np.flatnonzero(parsed.line_starts[line] != offsets)
-    if len(off_line):
-        row = int(off_line[0])
+    # row r must point at line r: same count and in order, so no line is trained twice and none skipped
+    misplaced = np.flatnonzero(parsed.line_starts != offsets)
+    if len(misplaced):
+        row = int(misplaced[0])
+        line = int(np.searchsorted(parsed.line_starts, offsets[row]))
+        if line < len(parsed.line_starts) and parsed.line_starts[line] == offsets[row]:
+            raise EvotuneError(f"{meta_path}: row {row} points at line {line + 1} of {bin_path}, but row {row} must "
+                               f"point at line {row + 1} (one row per line, in order): the meta repeats or skips "
+                               "lines: regenerate it")
         raise EvotuneError(f"{meta_path}: row {row} offset {int(offsets[row])} is not the start of a line of "
                            f"{bin_path}; the meta does not belong to this file: regenerate it")
+    line = np.arange(len(offsets))
     wrong = np.flatnonzero(parsed.line_counts[line] != lengths)
     if len(wrong):
         row = int(wrong[0])
