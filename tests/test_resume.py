@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from evotune.checkpoint import dcp
+from evotune.checkpoint.atomic import WriteError
 from evotune.errors import EvotuneError
 from tests.test_distributed import REPO, assert_same_run, read_hf_weights, read_metrics, run_single, tiny_options
 
@@ -110,7 +111,7 @@ def test_crash_mid_save_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
         raise OSError("disk full")
 
     monkeypatch.setattr(dcp.dcp, "save", crash)
-    with pytest.raises(OSError):
+    with pytest.raises(WriteError, match=r"step_2 failed: disk full; it needs about \d+ bytes, \d+ are free"):
         dcp.save_checkpoint(root, 2, model=model, optimizer=optimizer, scheduler=scheduler,
                             train_state={"step": 2}, keep=1)
     assert [s for s, _ in dcp.list_checkpoints(root)] == [1]

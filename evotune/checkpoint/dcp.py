@@ -44,8 +44,9 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.distributed.checkpoint.state_dict_loader import _load_state_dict_from_keys
+from torch.distributed.tensor import DTensor
 
-from evotune.checkpoint.atomic import AtomicDir, remove_leftovers
+from evotune.checkpoint.atomic import TMP_PREFIX, AtomicDir, folder_bytes, remove_leftovers
 from evotune.checkpoint.plan import Planned
 from evotune.checkpoint.source import ModelSource
 from evotune.errors import EvotuneError
@@ -156,8 +157,22 @@ def _prune(root: str, keep: int) -> None:
     """Delete leftovers of crashed saves and all but the newest ``keep`` checkpoints (keep < 1: all)."""
     remove_leftovers(root)
     if keep >= 1:
-        for _, path in list_checkpoints(root)[:-keep]:
-            shutil.rmtree(path, ignore_errors=True)
+        for step, path in list_checkpoints(root)[:-keep]:
+            # renamed first: a kill during the deletion leaves a leftover, never a step_<N> missing files
+            doomed = os.path.join(root, f"{TMP_PREFIX}pruned_step_{step}")
+            os.replace(path, doomed)
+            shutil.rmtree(doomed, ignore_errors=True)
+
+
+def _save_bytes(root: str, *state_dicts) -> int:
+    """What the next save takes: the size of the newest checkpoint, or (the first save) this
+    rank's tensors times the number of ranks."""
+    found = list_checkpoints(root)
+    if found:
+        return folder_bytes(found[-1][1])
+    tensors = [t for sd in state_dicts for t in torch.utils._pytree.tree_leaves(sd) if isinstance(t, torch.Tensor)]
+    local = sum((t.to_local() if isinstance(t, DTensor) else t).nbytes for t in tensors)
+    return local * (dist.get_world_size() if dist.is_initialized() else 1)
 
 
 def save_checkpoint(root: str, step: int, *, model, optimizer, scheduler, train_state: dict,
@@ -172,7 +187,7 @@ def save_checkpoint(root: str, step: int, *, model, optimizer, scheduler, train_
     rank = _rank()
     final = os.path.join(root, f"step_{step}")
     model_sd, optim_sd = get_state_dict(model, optimizer)
-    with AtomicDir(final, overwrite=True, collective=True) as tmp:
+    with AtomicDir(final, overwrite=True, collective=True, need_bytes=_save_bytes(root, model_sd, optim_sd)) as tmp:
         os.makedirs(tmp / "rng", exist_ok=True)
         with _single_process_quiet():
             dcp.save({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=str(tmp),

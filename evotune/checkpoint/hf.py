@@ -227,7 +227,9 @@ def write_hf_dir(
     max_shard_bytes: int = DEFAULT_SHARD_BYTES,
 ) -> Path:
     """The common writer: weights from a plan, ``config.json`` as given, extra files copied."""
-    with AtomicDir(out_dir, overwrite=overwrite) as tmp:
+    need = sum(p.nbytes if dtype is None or not p.dtype.is_floating_point else p.nbytes // p.dtype.itemsize
+               * dtype.itemsize for p in plan.values())
+    with AtomicDir(out_dir, overwrite=overwrite, need_bytes=need) as tmp:
         write_safetensors(plan, tmp, max_shard_bytes, dtype)
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         if generation_config is not None:
