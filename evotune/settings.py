@@ -450,7 +450,7 @@ def resolve(cfg: dict, *, seed: int | None = None, work_dir: str | None = None, 
     sources = _Sources(cfg)
     _check_plain_dicts(cfg, sources)
     filled = _fill(cfg, sources)
-    cli: dict[str, tuple[Any, str]] = {"runtime.config_path": (cfg.get("_config_path"), "load_config")}
+    cli: dict[str, tuple[Any, str]] = {"runtime.config_path": (cfg.get("_config_path"), "CONFIG argument")}
     for key, value, flag in (("runtime.seed", seed, "--seed"), ("runtime.work_dir", work_dir, "--work-dir"),
                              ("runtime.resume", resume, "--resume")):
         if value is not None:

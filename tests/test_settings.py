@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from evotune.checkpoint import dcp
 from evotune.config import FILE_VARIABLES, KNOWN_KEYS, load_config
 from evotune.configs import config_path
 from evotune.data.build import build_data
@@ -120,12 +121,16 @@ def test_nested_xtuner_keys_change_the_batches(tmp_path, small_folder):
 
 
 def test_nested_keys_reach_the_training_loop(tiny_llama_dir, small_folder, tmp_path):
-    """One optimizer step of 4 micro-batches x 2 packs x 64 tokens = 512 tokens; train_cfg.max_steps stops it."""
+    """Steps of 4 micro-batches x 2 packs x 64 tokens = 512 tokens; train_cfg.max_steps stops the run,
+    checkpoint.interval/max_keep_ckpts decide the checkpoints (the file's top-level values say otherwise)."""
     opts = tiny_options(tiny_llama_dir, small_folder, save_steps=0)  # max_steps=4, accumulative_counts=2
+    work = tmp_path / "w"
     summary = run_single([*opts, "optim_wrapper.accumulative_counts=4", "train_dataloader.batch_size=2",
-                          "train_cfg.max_steps=1"], tmp_path / "w")
-    assert summary["steps"] == 1
-    assert [r["tokens"] for r in read_metrics(tmp_path / "w")] == [512]
+                          "train_cfg.max_steps=2", "checkpoint.interval=1", "checkpoint.max_keep_ckpts=1"], work)
+    assert summary["steps"] == 2
+    assert [r["tokens"] for r in read_metrics(work)] == [512, 1024]
+    assert [s for s, _ in dcp.list_checkpoints(work / "checkpoints")] == [2]
+    assert dcp.read_trainer_state(str(work / "checkpoints" / "step_2"))["sampler"]["consumed"] == 16
 
 
 @pytest.mark.parametrize("option, field, value", [

@@ -68,10 +68,10 @@ def settings_of(args: argparse.Namespace, zero):
 
 def main(args: argparse.Namespace) -> int:
     zero = read_deepspeed(args.deepspeed) if args.deepspeed else None
+    settings = settings_of(args, zero)  # a typo: one line, before any process starts
     if args.launcher == "none" and "RANK" not in os.environ:  # not already started by a launcher
         command = torchrun_command(train_argv(args), os.environ)
         if command is not None:
-            settings_of(args, zero)  # a typo: one line, not N tracebacks
             return relaunch(command)
 
     # imported only here: a process that just re-launches under torchrun skips the model stack (~5 s)
@@ -79,7 +79,7 @@ def main(args: argparse.Namespace) -> int:
     from evotune.train.loop import train
 
     with process_group(args.device, launcher=args.launcher, cpu_offload=bool(zero and zero.offload)) as env:
-        summary = train(settings_of(args, zero), env)
+        summary = train(settings, env)
     if env.is_main:
         print(f"evotune: done: {summary['steps']} steps, final loss {summary['final_loss']:.4f}")
         print(f"evotune: checkpoint in {summary['checkpoint']}")
