@@ -39,14 +39,15 @@ SETTINGS = {
     "pack_sample_into_one", "dataset_weights", "seed", "batch_size",
     # optimisation
     "accumulative_counts", "max_epochs", "max_steps", "lr", "betas", "eps", "weight_decay", "max_norm",
-    "loss_reduction",
+    "loss_reduction", "max_consecutive_skips", "max_skipped_fraction",
     # parallel
     "sequence_parallel_size", "activation_checkpointing", "torch_compile",
     # saving, logging, evaluation
     "save_steps", "save_total_limit", "save_format", "log_interval", "valid_folder", "evaluation_freq",
     "evaluation_inputs", "max_new_tokens", "prompt_template", "SYSTEM", "visualizer",
 }
-FILE_VARIABLES = {"warm_up_ratio", "torch_dtype"}
+FILE_VARIABLES = {"warm_up_ratio", "torch_dtype",
+                  "optim_type", "dataloader_num_workers"}  # XTuner's names: optimizer=dict(type=optim_type, ...)
 PARTS = {
     "tokenizer", "model", "train_dataset", "train_dataloader", "optim_wrapper",
     "param_scheduler", "train_cfg", "checkpoint", "randomness", "work_dir",
