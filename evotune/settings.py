@@ -91,6 +91,12 @@ def nonnegative_number(value, key):
     return value
 
 
+def fraction(value, key):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
+        raise _fail(key, "a number from 0 to 1", value)
+    return value
+
+
 def boolean(value, key):
     if not isinstance(value, bool):
         raise _fail(key, "True or False", value)
@@ -235,6 +241,11 @@ class OptimSettings:
     dtype: str | None = setting(None, "optim_wrapper.dtype", check=floating_dtype, cli="--deepspeed",
                                 doc="compute dtype on CUDA (None: bfloat16); the CPU computes in float32")
     loss_reduction: str = setting("pack", "loss_reduction", check=one_of("pack", "token"))
+    max_consecutive_skips: int = setting(5, "max_consecutive_skips", check=positive_int,
+                                         doc="stop after this many steps in a row with a NaN/inf loss or grad "
+                                             "norm (each is skipped)")
+    max_skipped_fraction: float = setting(0.05, "max_skipped_fraction", check=fraction,
+                                          doc="stop when skipped steps exceed this share of the run's steps")
 
 
 @dataclass(frozen=True)

@@ -219,16 +219,3 @@ def test_world_size_2_checkpoint_continues_on_one_process(uninterrupted, tiny_ll
     final = dcp.read_trainer_state(str(work / "checkpoints" / f"step_{STEPS}"))
     assert final["sampler"] == json.loads((uninterrupted / "checkpoints" / f"step_{STEPS}" / "trainer_state.json")
                                           .read_text())["sampler"]
-
-
-def test_a_fresh_run_sets_an_earlier_runs_checkpoints_aside(tmp_path):
-    from evotune.checkpoint.checkpointer import set_aside
-
-    root = tmp_path / "checkpoints"
-    (root / "step_7").mkdir(parents=True)
-    for name in (".metadata", "trainer_state.json"):
-        (root / "step_7" / name).write_text("{}")
-    set_aside(str(root))
-    assert not root.exists()
-    [aside] = [p for p in tmp_path.iterdir() if p.name.startswith("checkpoints.")]
-    assert (aside / "step_7" / ".metadata").exists()

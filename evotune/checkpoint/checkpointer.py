@@ -5,9 +5,11 @@
 keeps the newest ``keep``, resolves ``--resume`` (``auto`` or a path) and loads
 model, optimizer, scheduler and :class:`TrainState` from it, and restores this
 rank's RNG state last (:meth:`restore_rng`), once everything that draws random
-numbers while being built exists. A fresh run sets an earlier run's checkpoints
-aside first, so ``--resume auto`` never mixes two runs. The files themselves are
-written and read by :mod:`evotune.checkpoint.dcp`.
+numbers while being built exists. A checkpoint is never written from weights
+that are not finite (:meth:`maybe_save` refuses), so pruning only ever deletes
+finite ones in favour of finite ones. Setting an earlier run aside is the work
+dir's business (evotune/train/workdir.py). The files themselves are written and
+read by :mod:`evotune.checkpoint.dcp`.
 """
 
 from __future__ import annotations
@@ -16,7 +18,12 @@ import os
 import time
 from dataclasses import dataclass, field
 
+import torch
+import torch.distributed as dist
+from torch.distributed.tensor import DTensor
+
 from evotune.checkpoint import dcp
+from evotune.errors import EvotuneError
 
 
 @dataclass
@@ -26,6 +33,7 @@ class TrainState:
     step: int = 0
     consumed_tokens: int = 0
     sampler: dict = field(default_factory=dict)
+    skipped_steps: int = 0  # steps not applied: NaN/inf loss or gradient norm (evotune/train/nonfinite.py)
 
 
 @dataclass
@@ -36,18 +44,6 @@ class Resumed:
     state: TrainState
     world_size: int | None  # processes of the run that saved it
     load_time: float
-
-
-def set_aside(root: str) -> str | None:
-    """A fresh run must not mix its checkpoints with an earlier run's (``--resume auto``
-    would pick the wrong one, pruning could delete the new ones): move those aside."""
-    if not dcp.list_checkpoints(root):
-        return None
-    aside = f"{root}.{time.strftime('%Y%m%d-%H%M%S')}"
-    os.replace(root, aside)
-    print(f"evotune: {root} held checkpoints of an earlier run; moved to {aside} "
-          "(continue a run with --resume auto)")
-    return aside
 
 
 class Checkpointer:
@@ -72,15 +68,14 @@ class Checkpointer:
         self._rng: dict | None = None
 
     def resume(self, resume: str | None) -> Resumed | None:
-        """Load the checkpoint ``--resume`` names (None: a fresh run, which sets an earlier run's aside)."""
+        """Load the checkpoint ``--resume`` names (None: a fresh run)."""
         path = dcp.resolve_resume(resume, self.work_dir) if resume else None
         if path is None:
-            if self.is_main:
-                set_aside(self.root)
             return None
         start = time.perf_counter()
         loaded = dcp.load_checkpoint(path, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler)
-        state = TrainState(loaded["step"], loaded["consumed_tokens"], loaded["sampler"])
+        state = TrainState(loaded["step"], loaded["consumed_tokens"], loaded["sampler"],
+                           loaded.get("skipped_steps", 0))
         self.saved_step = state.step
         self._rng = loaded["rng"]
         return Resumed(path, state, loaded.get("world_size"), time.perf_counter() - start)
@@ -100,9 +95,13 @@ class Checkpointer:
         """Save after ``state.step`` when :meth:`due` (all ranks call it); returns the path saved."""
         if not self.due(state.step, last):
             return None
+        if not self._weights_finite():
+            last = dcp.list_checkpoints(self.root)
+            raise EvotuneError(f"step {state.step}: the weights hold NaN/inf, so no checkpoint is written (the last, "
+                               f"finite one is {last[-1][1] if last else 'none'}); lower lr or check the data")
         start = time.perf_counter()
         train_state = {"step": state.step, "consumed_tokens": state.consumed_tokens, "sampler": state.sampler,
-                       **self.meta}
+                       "skipped_steps": state.skipped_steps, **self.meta}
         path = dcp.save_checkpoint(self.root, state.step, model=self.model, optimizer=self.optimizer,
                                    scheduler=self.scheduler, train_state=train_state, keep=self.keep,
                                    hf_config=self.hf_config)
@@ -110,6 +109,21 @@ class Checkpointer:
         if self.is_main:  # print() goes above a progress bar too (rich redirects stdout)
             print(f"evotune: checkpoint {path} saved in {time.perf_counter() - start:.2f} s")
         return path
+
+    def _weights_finite(self) -> bool:
+        """All ranks agree (each checks its shards); one reduction per save."""
+        params = [p.to_local() if isinstance(p, DTensor) else p for p in self.model.parameters()]
+        bad = torch.stack([~torch.isfinite(p).all() for p in params]).any().to(torch.int32) if params else None
+        if bad is None:
+            return True
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(bad)
+        return not bool(bad)
+
+    def latest(self) -> str | None:
+        """The newest complete checkpoint of this run's folder."""
+        found = dcp.list_checkpoints(self.root)
+        return found[-1][1] if found else None
 
     def path(self, step: int) -> str:
         return os.path.join(self.root, f"step_{step}")

@@ -30,8 +30,9 @@ Logged ``loss`` is that global objective (averaged over data-parallel ranks);
 
 from __future__ import annotations
 
+import contextlib
 import functools
-import json
+import math
 import os
 import random
 import time
@@ -58,8 +59,11 @@ from evotune.parallel.mesh import ParallelMesh, build_mesh
 from evotune.parallel.ulysses import check_heads, shard_row
 from evotune.settings import ScheduleSettings, Settings
 from evotune.train import metrics as M
-from evotune.train.evaluate import build_sample_evaluator
+from evotune.train import workdir
+from evotune.train.evaluate import SAMPLES_FILE, build_sample_evaluator
+from evotune.train.nonfinite import SkipBudget
 from evotune.train.optim import build_optimizer
+from evotune.train.preempt import Preempted, StopSignals
 from evotune.train.progress import Progress
 from evotune.train.schedule import build_scheduler
 from evotune.train.tensorboard import build_visualizer
@@ -140,11 +144,23 @@ def _build_model(settings: Settings, dataset, pmesh: ParallelMesh, strategy, env
 
 
 def train(settings: Settings, env: DistEnv) -> dict:
-    """Run the whole training; returns a summary (final loss, steps, paths)."""
-    s = settings
+    """Run the whole training; returns a summary (final loss, steps, paths).
+
+    Rank 0 holds the work dir's lock for the whole run; SIGTERM, SIGINT and
+    SIGUSR1 end it after a step and a checkpoint with :class:`Preempted`
+    (docs/reliability.md).
+    """
+    workdir.prepare(settings.runtime.work_dir)
+    lock = workdir.WorkDirLock(settings.runtime.work_dir) if env.is_main else contextlib.nullcontext()
+    with lock, StopSignals(is_main=env.is_main) as stop:
+        return _train(settings, env, stop)
+
+
+def _train(s: Settings, env: DistEnv, stop: StopSignals) -> dict:
     seed_everything(s.runtime.seed)
     work_dir = s.runtime.work_dir
-    os.makedirs(work_dir, exist_ok=True)
+    if env.is_main:
+        workdir.remove_leftovers(work_dir)
     pmesh = build_mesh(env, s.parallel.sequence_parallel_size)
     strategy = strategy_for(s.parallel.deepspeed)
     dataset, sampler = build_data(s.data, s.optim.accumulative_counts, pmesh.dp_size, pmesh.dp_rank)
@@ -165,13 +181,16 @@ def train(settings: Settings, env: DistEnv) -> dict:
     state = resumed.state if resumed else TrainState()
     if resumed:
         sampler.load_state_dict(state.sampler)
+    elif env.is_main:
+        workdir.set_aside_run(work_dir)
 
     loader = StepLoader(dataset, sampler, batch_size=s.data.batch_size, micro_num=s.optim.accumulative_counts,
                         num_workers=s.data.num_workers, pin_memory=env.device.type == "cuda",
                         collate=functools.partial(_collate, loss_reduction=s.optim.loss_reduction, pmesh=pmesh))
     metrics_path = os.path.join(work_dir, "metrics.jsonl")
     if env.is_main and resumed:
-        _trim_metrics(metrics_path, state.step)
+        for path in (metrics_path, os.path.join(work_dir, SAMPLES_FILE)):
+            M.trim_jsonl(path, state.step)
     writer = M.MetricsWriter(metrics_path, enabled=env.is_main, append=resumed is not None)
     visualizer = build_visualizer(s.logging.visualizer, work_dir, enabled=env.is_main)
     progress = Progress(n_steps, enabled=env.is_main, start=state.step)
@@ -180,7 +199,9 @@ def train(settings: Settings, env: DistEnv) -> dict:
                                      print_fn=progress.print, device=env.device)
     validator = Validator(s.eval, s.data, pmesh, env.device) if s.eval.valid_folder else None
     type_loss = TypeLoss(dataset.type_names, env.device) if dataset.type_names else None
-    step_fn = _Stepper(s, m, optimizer, scheduler, env, pmesh, strategy, type_loss)
+    step_fn = _Stepper(s, m, optimizer, scheduler, env, pmesh, strategy, type_loss, stop)
+    skips = SkipBudget(s.optim.max_consecutive_skips, s.optim.max_skipped_fraction, n_steps, state.skipped_steps,
+                       lr=s.optim.lr)
     _print_start(progress, s, env, pmesh, strategy, dataset, sampler, n_steps, m.compute_dtype, resumed)
     checkpointer.restore_rng()  # last: the model and data were built with the seed's RNG
 
@@ -201,7 +222,15 @@ def train(settings: Settings, env: DistEnv) -> dict:
             progress.advance()
             if samples and samples.due(state.step, n_steps):
                 samples.run(m.module, state.step)
-            checkpointer.maybe_save(state)
+            if record["skipped"]:
+                progress.print(f"evotune: step {state.step}: loss {record['loss']:.4g}, grad_norm "
+                               f"{record['grad_norm']:.4g}: not applied ({state.skipped_steps} skipped in all)")
+            skips.step(state.step, not record["skipped"], checkpointer.latest)
+            if not skips.streak:  # a checkpoint in a NaN streak would prune a good one for nothing
+                checkpointer.maybe_save(state)
+            if step_fn.stop_agreed:
+                raise Preempted(stop.requested or "a signal to another rank", state.step,
+                                checkpointer.maybe_save(state, last=True) or checkpointer.path(state.step))
         checkpointer.maybe_save(state, last=True)
     finally:
         loader.close()
@@ -249,10 +278,12 @@ class _Stepper:
     """One optimizer step: the loader's next micro-batches, forward/backward, clip, step; the metrics record."""
 
     def __init__(self, s: Settings, m: _Model, optimizer, scheduler, env: DistEnv, pmesh: ParallelMesh, strategy,
-                 type_loss: TypeLoss | None):
+                 type_loss: TypeLoss | None, stop: StopSignals):
         self.s, self.m, self.optimizer, self.scheduler = s, m, optimizer, scheduler
         self.env, self.pmesh, self.strategy, self.type_loss = env, pmesh, strategy, type_loss
         self.peak = M.peak_tflops(env.device)
+        self.stop = stop
+        self.stop_agreed = False  # some rank got a stop signal: every rank stops after this step
 
     def __call__(self, loader: StepLoader, state: TrainState) -> dict:
         """Advances ``state`` by one step."""
@@ -263,21 +294,29 @@ class _Stepper:
                                                      self.s.optim.accumulative_counts, self.s.optim.loss_reduction,
                                                      self.type_loss)
         grad_norm = clip_grad_norm_(model.parameters(), self.s.optim.max_norm)
-        self.optimizer.step()
-        lr = self.scheduler.get_last_lr()[0]
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-
         flops = M.model_flops(*self.m.flops, doc_lengths) / pmesh.sp_size  # a share per sp rank
-        stats = torch.tensor([step_loss, tokens, flops], dtype=torch.float64, device=env.device)
+        # the logging reduction, before the optimizer step: it also tells every rank whether the global
+        # loss is finite (grad_norm is global already) and whether any rank got a stop signal
+        stats = torch.tensor([step_loss, tokens, flops, float(self.stop.requested is not None)],
+                             dtype=torch.float64, device=env.device)
         _all_reduce(stats, pmesh)
         stats = stats.tolist()  # synchronises with the device
+        self.stop_agreed = stats[3] > 0
+        skipped = not (math.isfinite(stats[0]) and math.isfinite(grad_norm))
+        lr = self.scheduler.get_last_lr()[0]
+        if not skipped:  # a NaN/inf step is not applied: the weights stay the last finite ones
+            self.optimizer.step()
+            self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
         elapsed = time.perf_counter() - t0
         state.step += 1
+        state.skipped_steps += skipped
         state.consumed_tokens += int(stats[1])
         state.sampler = step.sampler_state
         record = {
             "step": state.step, "loss": stats[0] / pmesh.dp_size, "lr": lr, "grad_norm": grad_norm,
+            "skipped": skipped, "skipped_steps": state.skipped_steps,
             "tokens": state.consumed_tokens, "tgs": stats[1] / env.world_size / elapsed,
             "data_time": step.data_time, "step_time": elapsed, "epoch": step.sampler_state.get("epoch"),
         }
@@ -314,16 +353,6 @@ def _train_step(model, micro_batches: list[dict], env: DistEnv, pmesh: ParallelM
         tokens += mb["num_tokens"]
         doc_lengths.extend(mb["doc_lengths"].tolist())
     return float(total), tokens, doc_lengths
-
-
-def _trim_metrics(path: str, step: int) -> None:
-    """Drop records past the checkpoint's step (a killed run logged steps it then lost)."""
-    if not os.path.exists(path):
-        return
-    with open(path, encoding="utf-8") as f:
-        lines = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= step]
-    with open(path, "w", encoding="utf-8") as f:
-        f.writelines(lines)
 
 
 def _export(m: _Model, s: Settings, hf_dir: str, env: DistEnv) -> None:

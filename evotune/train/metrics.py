@@ -7,17 +7,25 @@ causal attention ``6 * L * d_attn * n^2`` for each document segment of length
 ``n`` (forward ``2 * L * d_attn * n^2`` for QK^T and AV over the causal half,
 backward twice that). Activation recomputation is not counted: MFU reports
 useful work, not work done.
+
+``metrics.jsonl`` is strict JSON, one object per line: a non-finite value (the
+loss of a skipped step, docs/reliability.md) is written as ``null``, so every
+JSON reader takes the file. On resume :func:`trim_jsonl` drops what the
+checkpoint does not cover, and a last line torn by a kill.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Iterable
 
 import numpy as np
 import torch
 from torch import nn
+
+from evotune.errors import EvotuneError
 
 # dense bf16 datasheet peak TFLOP/s by device name fragment (docs/performance.md names the one used)
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "A800": 312.0, "H800": 989.0}
@@ -50,6 +58,45 @@ def peak_tflops(device: torch.device) -> float | None:
     return next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
 
 
+def strict_json(record: dict) -> str:
+    """``record`` as one line of standard JSON: NaN and infinities become ``null``."""
+    return json.dumps({k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()},
+                      allow_nan=False)
+
+
+def trim_jsonl(path: str, step: int) -> None:
+    """Keep the records of ``path`` up to ``step`` (the checkpoint resumed from); later ones were lost.
+
+    A last line that does not parse (the run was killed while writing it) is
+    dropped with a message; a bad line before the last one is an error naming
+    it, as something other than a kill damaged the file. The file is replaced
+    atomically, so a kill during the trim loses nothing.
+    """
+    if not os.path.exists(path):
+        return
+    with open(path, encoding="utf-8", errors="replace") as f:
+        lines = f.read().split("\n")
+    kept = []
+    numbered = [(n, line) for n, line in enumerate(lines, 1) if line.strip()]
+    for i, (n, line) in enumerate(numbered):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            if i < len(numbered) - 1:
+                raise EvotuneError(f"{path}: line {n} is not JSON ({line[:60]!r}); fix or delete that line, then "
+                                   "resume again") from None
+            print(f"evotune: {path}: dropped its last line, cut short when the run was killed ({line[:60]!r})")
+            continue
+        if not isinstance(record, dict) or record.get("step", 0) <= step:
+            kept.append(line + "\n")
+    tmp = f"{path}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.writelines(kept)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
 class MetricsWriter:
     """Append one JSON object per step to ``<work_dir>/metrics.jsonl`` (rank 0 only)."""
 
@@ -59,7 +106,7 @@ class MetricsWriter:
 
     def write(self, record: dict) -> None:
         if self._file is not None:
-            self._file.write(json.dumps(record) + "\n")
+            self._file.write(strict_json(record) + "\n")
             self._file.flush()
 
     def close(self) -> None:

@@ -48,6 +48,8 @@ class Progress:
                 f"data {r['data_time'] * 1000:.1f}ms")
         if "mfu" in r:
             line += f"  mfu {100 * r['mfu']:.1f}%"
+        if r.get("skipped_steps"):  # NaN/inf steps not applied (evotune/train/nonfinite.py)
+            line += f"  skipped {r['skipped_steps']}"
         for key, value in r.items():
             if key.startswith(("loss/", "val_loss/")):
                 line += f"  {key} {value:.4f}"

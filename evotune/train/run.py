@@ -13,12 +13,15 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 
 from evotune.configs import config_path
 from evotune.errors import EvotuneError
 from evotune.parallel.launch import LAUNCHERS, relaunch, torchrun_command
 from evotune.parallel.zero import read_deepspeed
 from evotune.settings import load_settings
+from evotune.train import preempt
+from evotune.train.preempt import Preempted
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -79,7 +82,12 @@ def main(args: argparse.Namespace) -> int:
     from evotune.train.loop import train
 
     with process_group(args.device, launcher=args.launcher, cpu_offload=bool(zero and zero.offload)) as env:
-        summary = train(settings, env)
+        try:
+            summary = train(settings, env)
+        except Preempted as stopped:  # all ranks stop after the same step: not a failure to report to the others
+            if env.is_main:
+                print(f"evotune: {stopped}", file=sys.stderr)
+            return preempt.EXIT_CODE
     if env.is_main:
         print(f"evotune: done: {summary['steps']} steps, final loss {summary['final_loss']:.4f}")
         print(f"evotune: checkpoint in {summary['checkpoint']}")
