@@ -72,7 +72,8 @@ def main(argv: list[str] | None = None) -> int:
         _, run = _entry(args.command)
         return int(run(args) or 0)
     except EvotuneError as e:
-        print(f"evotune: error: {e}", file=sys.stderr)
+        if not getattr(e, "explained_by_another_rank", False):  # set by evotune/parallel/env.py
+            print(f"evotune: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("evotune: interrupted", file=sys.stderr)

@@ -12,7 +12,9 @@ No hang when a rank fails. torchrun stops the other workers itself; for the
 other launchers (and as a second line under torchrun) :func:`process_group`
 records a failing rank's error in the process group's key-value store, and a
 small watcher thread in every rank polls that key once a second and ends its
-own process with exit code 1. A rank that dies without raising (killed, out of
+own process with exit code 1, or quietly with exit code 2 when the failure is an
+:class:`~evotune.errors.EvotuneError`: the rank that raised it first prints the
+one line (several ranks raising the same error print it once). A rank that dies without raising (killed, out of
 memory) is noticed by gloo at once (closed connection) and by nccl after the
 process-group timeout: ``EVOTUNE_DIST_TIMEOUT`` seconds, default 1800 (it also
 bounds how long ranks wait for rank 0 to index a large dataset). Under slurm,
@@ -32,9 +34,12 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from evotune.errors import EvotuneError
 from evotune.parallel.launch import apply_launcher
 
 FAILED_KEY = "evotune/failed"
+FAILED_COUNT_KEY = "evotune/failed_count"  # the first rank to fail is the one that explains it
+EXPLAINED_KEY = "evotune/failed_explained"  # set when that failure is an EvotuneError (printed by its rank)
 POLL_SECONDS = 1.0
 
 
@@ -71,7 +76,15 @@ def setup(device: str | None = None, *, launcher: str = "none", cpu_offload: boo
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(device)
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise EvotuneError(f"--device {device}: not a device name; use cpu or cuda") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise EvotuneError(f"--device {device}: evotune trains on cpu or cuda")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise EvotuneError(f"--device {device}: no CUDA GPU is visible to this process (torch.cuda.is_available() "
+                           "is False); use --device cpu, or check the driver and CUDA_VISIBLE_DEVICES")
     if dev.type == "cuda":  # modulo: under srun --gpus-per-task=1 every task sees its one GPU as cuda:0
         dev = torch.device("cuda", local_rank % torch.cuda.device_count())
         torch.cuda.set_device(dev)
@@ -112,12 +125,27 @@ class _FailureWatch:
                     return
                 message = f"the rendezvous store stopped answering ({type(e).__name__})"
             if message is not None:
+                with contextlib.suppress(Exception):
+                    if self.store.check([EXPLAINED_KEY]):  # the failing rank prints the one line
+                        os._exit(2)
                 print(f"evotune: stopping rank {self.rank}: {message}", file=sys.stderr, flush=True)
                 os._exit(1)
 
-    def report(self, error: BaseException) -> None:
+    def report(self, error: BaseException) -> bool:
+        """Record ``error`` for the other ranks; True if this rank failed first (it explains the failure)."""
         with contextlib.suppress(Exception):
+            if self.store.add(FAILED_COUNT_KEY, 1) != 1:
+                return False
+            if isinstance(error, EvotuneError):
+                self.store.set(EXPLAINED_KEY, "1")
             self.store.set(FAILED_KEY, f"rank {self.rank} failed: {type(error).__name__}: {error}")
+        return True
+
+    def explained(self) -> bool:
+        """The first failure recorded is an EvotuneError (its rank prints it)."""
+        with contextlib.suppress(Exception):
+            return self.store.check([EXPLAINED_KEY])
+        return False
 
     def stop(self) -> None:
         self._stop.set()
@@ -141,8 +169,12 @@ def process_group(device: str | None = None, *, launcher: str = "none", cpu_offl
         if watch is None:
             teardown()
         else:  # no teardown: peers may sit in a collective that would block it
-            watch.report(e)
+            first = watch.report(e)
             watch.stop()
+            if not first and watch.explained():  # another rank's EvotuneError, printed there, came first
+                if not isinstance(e, EvotuneError):
+                    raise SystemExit(2) from None  # this error follows from it (a peer closed the connection)
+                e.explained_by_another_rank = True  # the same error on several ranks: printed once (evotune/cli.py)
         raise
     if watch is not None:
         watch.stop()

@@ -20,6 +20,7 @@ group itself is set up in :mod:`evotune.parallel.env`.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import signal
@@ -73,13 +74,48 @@ def torchrun_args(environ: Mapping[str, str]) -> list[str] | None:
     return args
 
 
+# Worker exit codes that come with the worker's own one-line explanation: an EvotuneError (2,
+# evotune/cli.py) or a stop on a signal after a checkpoint (75, evotune/train/preempt.py).
+EXPLAINED_EXIT_CODES = (2, 75)
+_TORCHRUN = "import sys; from evotune.parallel.launch import run_torchrun; sys.exit(run_torchrun(sys.argv[1:]))"
+
+
 def torchrun_command(train_argv: list[str], environ: Mapping[str, str]) -> list[str] | None:
-    """The full command that runs ``evotune train <train_argv>`` under torchrun, or None."""
+    """The full command that runs ``evotune train <train_argv>`` under torchrun (:func:`run_torchrun`), or None."""
     args = torchrun_args(environ)
     if args is None:
         return None
-    return [sys.executable, "-m", "torch.distributed.run", *args,
+    return [sys.executable, "-c", _TORCHRUN, *args,
             "-m", "evotune.cli", "train", *train_argv, "--launcher", "pytorch"]
+
+
+class _HideExplainedFailures(logging.Filter):
+    """Drops torchrun's "failed (exitcode: 2)" log lines: the worker printed the reason already."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not any(f"exitcode: {code})" in record.getMessage() for code in EXPLAINED_EXIT_CODES)
+
+
+def run_torchrun(argv: list[str]) -> int:
+    """torchrun (``torch.distributed.run``), returning the workers' exit code.
+
+    A worker that exits with one of :data:`EXPLAINED_EXIT_CODES` has printed
+    why; torchrun would add its ``ChildFailedError`` traceback and exit 1, so
+    the user saw the reason buried and the code lost (slurm requeues on 75).
+    Other failures keep torchrun's report.
+    """
+    from torch.distributed import run as torchrun  # torch only in the torchrun process, not the launcher
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+    logging.getLogger("torch.distributed.elastic.multiprocessing.api").addFilter(_HideExplainedFailures())
+    try:
+        torchrun.run(torchrun.parse_args(argv))
+    except ChildFailedError as e:
+        code = e.get_first_failure()[1].exitcode
+        if code in EXPLAINED_EXIT_CODES:
+            return code
+        raise
+    return 0
 
 
 def relaunch(command: list[str]) -> int:
