@@ -13,8 +13,9 @@ import pytest
 from evotune.cli import main as cli_main
 from evotune.config import build, load_config
 from evotune.errors import EvotuneError
-from evotune.migrate import (CHANGED, MAPPED, NOT_NEEDED, UNSUPPORTED, internevo_parallel, migrate_internevo_config,
-                             read_internevo_config)
+from evotune.migrate import migrate_internevo_config, read_internevo_config
+from evotune.migrate.batch import internevo_parallel
+from evotune.migrate.rules import CHANGED, MAPPED, NOT_NEEDED, UNSUPPORTED
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 CONFORMANCE = SHARED / "conformance" / "internevo_data"
