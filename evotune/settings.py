@@ -259,9 +259,12 @@ class ScheduleSettings:
 @dataclass(frozen=True)
 class ParallelSettings:
     sequence_parallel_size: int = setting(1, "sequence_parallel_size", check=positive_int)
-    activation_checkpointing: Any = setting("full", "model.activation_checkpointing", "activation_checkpointing",
-                                            fill=True)
-    torch_compile: Any = setting(False, "model.torch_compile", "torch_compile", fill=True)
+    activation_checkpointing: Any = setting("auto", "model.activation_checkpointing", "activation_checkpointing",
+                                            fill=True, doc="'auto' (sized from free GPU memory; 'full' on the "
+                                                           "CPU), 'full', 'selective', 'none'")
+    torch_compile: Any = setting("auto", "model.torch_compile", "torch_compile", fill=True,
+                                 doc="'auto' (compile the decoder layers on a GPU with bf16 compute), True, "
+                                     "False or a dict of torch.compile options")
     deepspeed: Any = setting(None, cli="--deepspeed", doc="the ZeRO preset (evotune.parallel.zero.ZeroSettings)")
 
 

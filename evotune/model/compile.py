@@ -13,13 +13,56 @@ separate kernels.
 names: FSDP's ``fully_shard``, checkpoint loading and activation checkpointing
 (transformers' switch, applied inside the layer's ``forward``) work the same
 before or after.
+
+When to compile is :func:`decide`: ``torch_compile='auto'`` (the default)
+compiles where it is safe and fast, i.e. on CUDA with 16-bit compute and the
+varlen kernel (or plain causal attention), and says why not elsewhere;
+``True`` or a dict of options asks for it and is refused where it is not safe
+(without the CUDA varlen kernel attention runs one SDPA call per document in a
+Python loop, which breaks the graph and recompiles for every new number of
+documents: on a GPU in fp32 10 steps of the tiny model did not finish in 200 s,
+docs/performance.md).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
+import torch
 from torch import nn
 
+from evotune.dtypes import dtype_name
+from evotune.errors import EvotuneError
 from evotune.model.layers import decoder_layers
+
+AUTO = "auto"
+
+
+@dataclass(frozen=True)
+class CompileDecision:
+    enabled: bool
+    options: dict = field(default_factory=dict)  # torch.compile keyword arguments
+    message: str | None = None  # why 'auto' did not compile (printed at start)
+
+
+def decide(torch_compile, device: torch.device, dtype: torch.dtype, use_varlen_attn: bool) -> CompileDecision:
+    """Whether to compile the decoder layers; an unsafe explicit request is an ``EvotuneError``."""
+    if torch_compile is False or torch_compile is None:
+        return CompileDecision(False)
+    if not (torch_compile is True or torch_compile == AUTO or isinstance(torch_compile, dict)):
+        raise EvotuneError(f"torch_compile={torch_compile!r}: use 'auto', True, False or a dict of "
+                           "torch.compile options")
+    varlen_kernel = device.type == "cuda" and dtype in (torch.bfloat16, torch.float16)
+    # 'auto' compiles on GPUs only; an explicit request is also honoured for plain causal attention on the CPU
+    if varlen_kernel or (not use_varlen_attn and (device.type == "cuda" or torch_compile != AUTO)):
+        return CompileDecision(True, dict(torch_compile) if isinstance(torch_compile, dict) else {})
+    here = f"here: {device.type}, {dtype_name(dtype)}"
+    why = ("without the CUDA varlen kernel attention runs one SDPA call per document, which breaks the graph "
+           "and recompiles for every new number of documents" if use_varlen_attn else "'auto' compiles on GPUs")
+    if torch_compile == AUTO:
+        return CompileDecision(False, message=f"torch_compile='auto': decoder layers not compiled ({here}; {why})")
+    raise EvotuneError(f"torch_compile={torch_compile!r} needs bf16 compute on a GPU ({here}): {why}; set "
+                       "torch_compile='auto' or False, or optim_wrapper.dtype='bfloat16' on a GPU")
 
 
 def compile_decoder_layers(llm: nn.Module, **compile_kwargs) -> int:

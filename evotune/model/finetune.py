@@ -5,6 +5,12 @@ runs the decoder on one packed row with the document boundaries as keyword
 arguments, keeps the hidden states of supervised tokens only, and returns the
 weighted chunked cross-entropy sum. Being the outermost module, it is also the
 FSDP root, so the embedding, final norm and head are gathered by its own hook.
+
+It only records how activation checkpointing and compilation are wanted:
+they are applied next to FSDP, in :func:`evotune.parallel.fsdp.parallelize`,
+which knows the device, the compute dtype, the tokens of a micro-batch and the
+free memory that ``'auto'`` decides from, and applies checkpointing, then
+compilation, then sharding, in that order.
 """
 
 from __future__ import annotations
@@ -15,8 +21,7 @@ from torch import nn
 
 from evotune.config import build
 from evotune.model.attention import register as register_varlen
-from evotune.model.checkpointing import set_activation_checkpointing
-from evotune.model.compile import compile_decoder_layers
+from evotune.model.checkpointing import normalize_mode
 from evotune.model.loss import DEFAULT_CHUNK_TOKENS, chunked_cross_entropy
 
 
@@ -27,18 +32,19 @@ class SupervisedFinetune(nn.Module):
     and positions restart per document; ``False`` (XTuner's meaning): plain
     causal attention over the whole packed row with positions 0..P-1, so
     documents see each other.
-    ``activation_checkpointing``: ``'full'`` (or True, the default), ``'selective'``
-    or ``'none'`` (or False), see :mod:`evotune.model.checkpointing`.
-    ``torch_compile``: False, True or a dict of ``torch.compile`` options; compiles
-    each decoder layer (:mod:`evotune.model.compile`).
+    ``activation_checkpointing``: ``'auto'`` (the default), ``'full'`` (or True),
+    ``'selective'`` or ``'none'`` (or False), see :mod:`evotune.model.checkpointing`.
+    ``torch_compile``: ``'auto'`` (the default), False, True or a dict of
+    ``torch.compile`` options; compiles each decoder layer (:mod:`evotune.model.compile`).
+    Both are stored here and applied by ``parallelize``.
     """
 
     def __init__(
         self,
         llm,
         use_varlen_attn: bool = True,
-        activation_checkpointing: bool | str = True,
-        torch_compile: bool | dict = False,
+        activation_checkpointing: bool | str = "auto",
+        torch_compile: bool | str | dict = "auto",
         loss_chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
         label_smoothing: float = 0.0,
     ):
@@ -49,9 +55,8 @@ class SupervisedFinetune(nn.Module):
         self.label_smoothing = label_smoothing
         self.llm.set_attn_implementation(register_varlen())
         self.llm.config.use_cache = False
-        self.activation_checkpointing = set_activation_checkpointing(self.llm, activation_checkpointing)
-        if torch_compile:
-            compile_decoder_layers(self.llm, **(torch_compile if isinstance(torch_compile, dict) else {}))
+        self.activation_checkpointing = normalize_mode(activation_checkpointing)
+        self.torch_compile = torch_compile
 
     def forward(
         self,

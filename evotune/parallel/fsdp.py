@@ -1,6 +1,13 @@
 """Data parallelism with FSDP2 (``fully_shard``): the ZeRO presets and plain data parallel.
 
-``parallelize`` shards every decoder layer and then the root module
+``parallelize`` first applies what ``SupervisedFinetune`` records as wanted:
+activation checkpointing (``'auto'`` resolved here, from the free GPU memory
+and the tokens of a micro-batch), then ``torch.compile`` of each decoder layer
+(:func:`evotune.model.compile.decide`), then sharding; the choices are printed.
+Checkpointing goes first because transformers' switch wraps the layer's call
+outside the compiled ``forward``, and both go before ``fully_shard`` so that
+FSDP's hooks stay outside the recomputed and the compiled regions.
+It then shards every decoder layer and then the root module
 (``SupervisedFinetune``), so the embedding, final norm and head, used directly
 in the root's forward, are gathered by the root's own hooks. Master weights are
 always fp32 (the model is upcast layer by layer, just before each layer is
@@ -45,6 +52,8 @@ from torch import nn
 from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
+from evotune.model import checkpointing
+from evotune.model.compile import compile_decoder_layers, decide
 from evotune.model.layers import decoder_layers
 from evotune.parallel.mesh import ParallelMesh
 from evotune.parallel.zero import ZeroSettings
@@ -91,9 +100,52 @@ def _upcast_(module: nn.Module) -> None:
             p.data = p.data.float()
 
 
+def state_bytes(model: nn.Module, pmesh: ParallelMesh, strategy: Strategy, compute_dtype: torch.dtype) -> int:
+    """Estimated device bytes of weights, gradients and AdamW state per rank: 16 per parameter
+    (fp32 master, fp32 gradient, two moments) over the ranks that shard them, plus the gathered
+    16-bit copy under mixed precision."""
+    n = sum(p.numel() for p in model.parameters())
+    shards = 1 if strategy.replicate or not uses_fsdp(pmesh) else pmesh.dp_size * pmesh.sp_size
+    return int(n * (16 / shards + (2 if compute_dtype != torch.float32 else 0)))
+
+
+def apply_checkpointing_and_compile(model: nn.Module, pmesh: ParallelMesh, strategy: Strategy,
+                                    device: torch.device, compute_dtype: torch.dtype, tokens: int | None,
+                                    log=print) -> None:
+    """Resolve and apply ``model.activation_checkpointing``, then ``model.torch_compile``.
+
+    ``tokens``: tokens of one micro-batch on this rank ('auto' sizes activations
+    with it); ``log``: where the choices are printed (None: nowhere).
+    """
+    llm, mode = model.llm, model.activation_checkpointing
+    if mode == checkpointing.AUTO:
+        if device.type != "cuda":
+            choice = checkpointing.Choice("full", f"on {device.type} 'auto' is 'full' (no device memory to size)")
+        elif not tokens:
+            choice = checkpointing.Choice("full", "the tokens of a micro-batch are not known")
+        else:
+            free, total = torch.cuda.mem_get_info(device)
+            choice = checkpointing.choose_mode(checkpointing.measure_activation_bytes(llm, compute_dtype),
+                                               len(decoder_layers(llm, "'auto' counts them")), tokens, free,
+                                               total, state_bytes(model, pmesh, strategy, compute_dtype))
+        mode = choice.mode
+        if log:
+            log(f"evotune: activation_checkpointing='auto' -> '{mode}': {choice.reason}")
+    model.activation_checkpointing = checkpointing.set_activation_checkpointing(llm, mode)
+    plan = decide(model.torch_compile, device, compute_dtype, model.use_varlen_attn)
+    if plan.enabled:
+        n = compile_decoder_layers(llm, **plan.options)
+        if log:
+            log(f"evotune: torch_compile={model.torch_compile!r}: {n} decoder layers compiled")
+    elif plan.message and log:
+        log(f"evotune: {plan.message}")
+
+
 def parallelize(model: nn.Module, pmesh: ParallelMesh, strategy: Strategy, device: torch.device,
-                compute_dtype: torch.dtype) -> nn.Module:
-    """Shard ``model`` (a ``SupervisedFinetune``) in place; one CPU process just gets fp32 weights."""
+                compute_dtype: torch.dtype, tokens: int | None = None, log=print) -> nn.Module:
+    """Checkpointing and compilation (:func:`apply_checkpointing_and_compile`), then shard ``model``
+    (a ``SupervisedFinetune``) in place; one CPU process just gets fp32 weights."""
+    apply_checkpointing_and_compile(model, pmesh, strategy, device, compute_dtype, tokens, log)
     if not uses_fsdp(pmesh):
         _upcast_(model)
         return model.to(device)

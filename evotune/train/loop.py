@@ -102,17 +102,6 @@ def compute_dtype(settings: Settings, device: torch.device) -> torch.dtype:
     return dtype
 
 
-def check_compile(settings: Settings, device: torch.device, dtype: torch.dtype) -> None:
-    """``torch_compile`` needs the CUDA varlen kernel (16-bit compute on a GPU): elsewhere attention
-    runs one SDPA call per document, which breaks the graph and recompiles for every new count."""
-    if settings.parallel.torch_compile and settings.model.use_varlen_attn and (
-            device.type != "cuda" or dtype == torch.float32):
-        raise EvotuneError(
-            f"torch_compile=True needs bf16 compute on a GPU (here: {device.type}, "
-            f"{dtype_name(dtype)}): without the CUDA varlen kernel attention runs per "
-            "document and recompiles constantly; set torch_compile=False or optim_wrapper.dtype='bfloat16'")
-
-
 @dataclass
 class _Model:
     """The sharded module and what the loop needs to know of the model inside it."""
@@ -136,9 +125,11 @@ def _build_model(settings: Settings, dataset, pmesh: ParallelMesh, strategy, env
                 where=f"model '{settings.model.path}'")
     export_dtype = next(p.dtype for p in llm.parameters() if p.is_floating_point())
     dtype = compute_dtype(settings, env.device)
-    check_compile(settings, env.device, dtype)
     flops = (M.matmul_params(llm), *M.attention_dim(llm))
-    model = parallelize(model, pmesh, strategy, env.device, dtype)
+    # checkpointing ('auto': sized for this micro-batch) and compilation (model/compile.decide) are applied here
+    model = parallelize(model, pmesh, strategy, env.device, dtype,
+                        tokens=dataset.packed_length * settings.data.batch_size // pmesh.sp_size,
+                        log=print if env.is_main else None)
     model.train()
     return _Model(model, llm, dtype, export_dtype, flops)
 

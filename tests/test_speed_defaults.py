@@ -1,0 +1,113 @@
+"""The fast defaults (issue 16): 'auto' checkpointing picks the documented mode for given memory numbers,
+the per-token activation sizes it uses are measured exactly, compilation is decided in one place, and
+``parallelize`` applies checkpointing, then compilation, with the eager path's loss and gradients."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from evotune.data.collate import MODEL_INPUTS, packed_collate
+from evotune.errors import EvotuneError
+from evotune.model import checkpointing
+from evotune.model.compile import decide
+from evotune.model.finetune import SupervisedFinetune
+from evotune.parallel.env import DistEnv
+from evotune.parallel.fsdp import REPLICATE, parallelize
+from evotune.parallel.mesh import build_mesh
+from tests.conftest import make_tiny_llama, whole_document_pack
+
+GiB = 2**30
+# llama-1b-like bytes per token and layer: none 90 KB, selective 45 KB, full 4 KB
+PER_TOKEN = {"none": 90_000, "selective": 45_000, "full": 4_096}
+
+
+@pytest.mark.parametrize("free_gib, expected", [(80, "none"), (50, "selective"), (35, "full"), (33, "full")])
+def test_auto_checkpointing_takes_the_fastest_mode_that_fits(free_gib, expected):
+    # 22 layers x 16384 tokens: none 30.2 GiB, selective 15.1 GiB, full 1.4 GiB; budget = free - 16 GiB
+    # reserve (20% of 80 GiB) - 16.4 GiB of state: 47.6, 17.6, 2.6 and 0.6 GiB
+    choice = checkpointing.choose_mode(PER_TOKEN, layers=22, tokens=16384, free_bytes=free_gib * GiB,
+                                       total_bytes=80 * GiB, state_bytes=int(17.6e9))
+    assert choice.mode == expected
+    assert "none 30.2 GiB, selective 15.1 GiB, full 1.4 GiB" in choice.reason
+    assert ("may not fit" in choice.reason) == (free_gib == 33)
+    # the boundary is exact: one byte less budget than 'none' needs gives 'selective'
+    need = PER_TOKEN["none"] * 22 * 16384
+    at = checkpointing.choose_mode(PER_TOKEN, 22, 16384, free_bytes=need, total_bytes=GiB, state_bytes=0,
+                                   reserve_fraction=0.0)
+    below = checkpointing.choose_mode(PER_TOKEN, 22, 16384, free_bytes=need - 1, total_bytes=GiB, state_bytes=0,
+                                      reserve_fraction=0.0)
+    assert (at.mode, below.mode) == ("none", "selective")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_measured_activation_bytes_per_token(dtype):
+    llm = make_tiny_llama()  # hidden 64, 4 heads / 2 kv heads of 16, intermediate 128
+    got = checkpointing.measure_activation_bytes(llm, dtype, tokens=64)
+    size = torch.empty((), dtype=dtype).element_size()
+    h, q, kv, ffn, heads = 64, 64, 32, 128, 4
+    # selective keeps the outputs of the 7 matrix products and of attention (+ its fp32 logsumexp per head)
+    # and the layer input
+    kept = size * (q + 2 * kv + h + 2 * ffn + h) + size * q + 4 * heads + size * h
+    assert got["full"] == size * h
+    assert got["selective"] == kept
+    assert got["none"] > got["selective"] > got["full"]
+
+
+def test_compile_is_decided_in_one_place():
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert decide("auto", cuda, torch.bfloat16, True).enabled
+    fallback = decide("auto", cuda, torch.float32, True)
+    assert not fallback.enabled and "here: cuda, float32" in fallback.message
+    assert not decide("auto", cpu, torch.float32, True).enabled
+    assert not decide(False, cuda, torch.bfloat16, True).enabled
+    assert decide({"mode": "max-autotune"}, cuda, torch.bfloat16, True).options == {"mode": "max-autotune"}
+    assert decide({"backend": "aot_eager"}, cpu, torch.float32, False).enabled  # plain causal compiles anywhere
+    with pytest.raises(EvotuneError, match=r"torch_compile=True needs bf16 compute on a GPU \(here: cpu, float32\)"):
+        decide(True, cpu, torch.float32, True)
+    with pytest.raises(EvotuneError, match="torch_compile='yes'"):
+        decide("yes", cpu, torch.float32, True)
+
+
+def _batch(seed: int = 0, lengths=(7, 19, 1, 12)) -> dict:
+    torch.manual_seed(seed)
+    docs = [torch.randint(3, 128, (n,)).tolist() for n in lengths]
+    b = packed_collate([whole_document_pack(docs)], "token")
+    return {k: b[k] for k in MODEL_INPUTS}
+
+
+def _one_cpu_process():
+    env = DistEnv(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    return build_mesh(env)
+
+
+def test_supervised_finetune_only_records_and_parallelize_applies_auto_as_full_on_cpu():
+    model = SupervisedFinetune(make_tiny_llama())
+    assert (model.activation_checkpointing, model.torch_compile) == ("auto", "auto")
+    assert not model.llm.is_activation_checkpointing  # nothing applied before parallelize
+    lines = []
+    parallelize(model, _one_cpu_process(), REPLICATE, torch.device("cpu"), torch.float32, tokens=64,
+                log=lines.append)
+    assert model.activation_checkpointing == "full" and model.llm.is_activation_checkpointing
+    assert lines[0].startswith("evotune: activation_checkpointing='auto' -> 'full': on cpu")
+    assert lines[1].startswith("evotune: torch_compile='auto': decoder layers not compiled (here: cpu, float32")
+
+
+def test_parallelize_applies_checkpointing_then_compile_with_the_eager_loss_and_gradients():
+    torch._dynamo.reset()
+    args = _batch(seed=5)
+    eager = SupervisedFinetune(make_tiny_llama(), use_varlen_attn=False, activation_checkpointing="none",
+                               torch_compile=False)
+    loss = eager(**args)
+    loss.backward()
+    fast = SupervisedFinetune(make_tiny_llama(), use_varlen_attn=False, activation_checkpointing="selective",
+                              torch_compile={"backend": "aot_eager"})
+    lines = []
+    parallelize(fast, _one_cpu_process(), REPLICATE, torch.device("cpu"), torch.float32, log=lines.append)
+    assert lines == ["evotune: torch_compile={'backend': 'aot_eager'}: 2 decoder layers compiled"]
+    assert all(layer._compiled_call_impl is not None for layer in fast.llm.model.layers)
+    fast_loss = fast(**args)
+    fast_loss.backward()
+    torch.testing.assert_close(fast_loss, loss, rtol=1e-6, atol=1e-6)
+    for (name, p), q in zip(eager.named_parameters(), fast.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-5, atol=1e-7, msg=name)
