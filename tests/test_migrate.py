@@ -425,6 +425,14 @@ def test_unsupported_keys_are_reported_and_exit_non_zero(tmp_path, capsys):
     load_config(out)  # still written and loadable
 
 
+
+@pytest.mark.parametrize("experts, status", [(1, NOT_NEEDED), (4, UNSUPPORTED)])
+def test_one_expert_is_a_dense_model(tmp_path, experts, status):
+    src, _ = write_fixture(tmp_path, "tp1_pp1_zero_all", extra=f'model["num_experts"] = {experts}')
+    result = migrate_internevo_config(src, world_size=16)
+    assert {r.key: r for r in result.rows}["model.num_experts"].status == status
+    assert [r.key for r in result.unsupported] == ([] if experts == 1 else ["model.num_experts"])
+
 def test_no_integer_fit_proposes_nearest_world_sizes(tmp_path):
     src, _ = write_fixture(tmp_path, "tp1_pp1_zero_all")
     # InternEvo on 24 GPUs: 24 dp x 4 micro_num = 96 packs per step; 64 ranks cannot share 96 packs

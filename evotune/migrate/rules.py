@@ -191,9 +191,9 @@ def _activation_checkpointing(value, cfg, plan):
 
 
 def _num_experts(value, cfg, plan):
-    if value not in (1, None):
-        return Verdict(UNSUPPORTED, "mixture-of-experts models are not supported")
-    return None
+    if value in (1, None):
+        return Verdict(NOT_NEEDED, "one expert: a dense model")
+    return Verdict(UNSUPPORTED, "mixture-of-experts models are not supported")
 
 
 def _embed_grad_scale(value, cfg, plan):

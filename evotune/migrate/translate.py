@@ -22,7 +22,7 @@ from evotune.migrate.batch import SEQUENCE_MODES, BatchPlan
 from evotune.migrate.read import InternEvoConfig
 from evotune.migrate.rules import (CHANGED, CHECKPOINT, DATA, DERIVED, EMPTY, FIXED, KEY_NOT_NEEDED, MAPPED, MODEL,
                                    MODEL_DIMS, NOT_NEEDED, OPTIMIZER, SECTIONS, TENSOR_MODE_NOTES, TOP_NOT_NEEDED,
-                                   UNSUPPORTED, Rule, is_remote, local_path)
+                                   UNSUPPORTED, Rule, Verdict, is_remote, local_path)
 
 
 @dataclass
@@ -110,11 +110,10 @@ class _Translator:
             present = c.has(rule.key)
             value = c.get(rule.key, rule.default)
             if present or rule.always:
-                verdict = rule.judge(value, c, self.plan) if rule.judge else None
-                if verdict is not None or rule.judge is None:
-                    status, note = (verdict.status, verdict.note) if verdict else (MAPPED, rule.note)
-                    target = verdict.target if verdict and verdict.target is not None else rule.target or rule.setting
-                    self.row(rule.key, status, target, note, value)
+                verdict = rule.judge(value, c, self.plan) if rule.judge else Verdict(MAPPED, rule.note)
+                if verdict is not None:
+                    target = rule.target or rule.setting if verdict.target is None else verdict.target
+                    self.row(rule.key, verdict.status, target, verdict.note, value)
             if rule.setting and (present or rule.absent is not None):
                 comment = c.cite(rule.key) if present else f"{rule.key} {rule.absent}".rstrip()
                 self.settings[rule.setting] = (rule.value(value) if rule.value else value, comment)
