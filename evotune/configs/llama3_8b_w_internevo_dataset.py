@@ -29,8 +29,8 @@ warm_up_ratio = 0.03
 
 # Parallel
 sequence_parallel_size = 1  # packs of 8k fit one GPU with activation checkpointing
-activation_checkpointing = 'full'  # 'full' | 'selective' (faster, more memory) | 'none'
-torch_compile = False  # True: torch.compile each decoder layer (GPU)
+activation_checkpointing = 'auto'  # 'auto' (by free GPU memory; 'full' on CPU) | 'full' | 'selective' | 'none'
+torch_compile = 'auto'  # 'auto': compile each decoder layer on a GPU with bf16 compute | True | False
 
 # Save
 save_steps = 500
