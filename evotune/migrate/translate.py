@@ -16,7 +16,6 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-from evotune.checkpoint.internevo import load_model_config
 from evotune.errors import EvotuneError
 from evotune.migrate.batch import SEQUENCE_MODES, BatchPlan
 from evotune.migrate.read import InternEvoConfig
@@ -85,6 +84,9 @@ def _checkpoint_dims(path: str) -> dict[str, Any] | None:
         except (OSError, json.JSONDecodeError) as e:
             raise EvotuneError(f"{cfg_json}: cannot read the checkpoint's config ({e})") from None
     if os.path.isfile(os.path.join(path, "model_config.pt")):
+        # imported here for its cost, not a cycle: torch loads in seconds, and only this case needs it
+        from evotune.checkpoint.internevo import load_model_config
+
         return load_model_config(path)
     return None
 
