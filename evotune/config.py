@@ -27,6 +27,7 @@ from typing import Any
 
 import evotune
 from evotune.errors import EvotuneError
+from evotune.xtuner_compat import config_builtins
 
 # Every top-level key a config may define. SETTINGS are read by evotune/settings.py (each is a
 # place of a field there); FILE_VARIABLES act only through the lines of the file that use them
@@ -36,7 +37,7 @@ SETTINGS = {
     "pretrained_model_name_or_path", "use_varlen_attn", "label_smoothing",
     # data
     "dataset_folder", "data_order_path", "min_length", "max_length", "max_length_per_sample",
-    "pack_sample_into_one", "dataset_weights", "seed", "batch_size",
+    "pack_sample_into_one", "pack_to_max_length", "dataset_weights", "seed", "batch_size",
     # optimisation
     "accumulative_counts", "max_epochs", "max_steps", "lr", "betas", "eps", "weight_decay", "max_norm",
     "loss_reduction", "max_consecutive_skips", "max_skipped_fraction",
@@ -51,6 +52,8 @@ FILE_VARIABLES = {"warm_up_ratio", "torch_dtype",
 PARTS = {
     "tokenizer", "model", "train_dataset", "train_dataloader", "optim_wrapper",
     "param_scheduler", "train_cfg", "checkpoint", "randomness", "work_dir",
+    # XTuner's runtime part (evotune/xtuner_compat.py reads the hooks)
+    "custom_hooks", "default_hooks", "env_cfg", "log_level", "log_processor", "load_from", "resume",
 }
 KNOWN_KEYS = SETTINGS | FILE_VARIABLES | PARTS
 
@@ -104,7 +107,9 @@ def _execute(path: str, source: str, overrides: dict[str, Any]) -> tuple[dict[st
         raise EvotuneError(f"{path}:{e.lineno}: syntax error: {e.msg}") from None
     transformer = _Override(overrides)
     tree = ast.fix_missing_locations(transformer.visit(tree))
-    namespace: dict[str, Any] = {"__file__": os.path.abspath(path), "__name__": "evotune_config"}
+    # XTuner's and mmengine's imports resolve to evotune's names while the file runs, nowhere else
+    namespace: dict[str, Any] = {"__file__": os.path.abspath(path), "__name__": "evotune_config",
+                                 "__builtins__": config_builtins(path)}
     try:
         exec(compile(tree, path, "exec"), namespace)
     except NameError as e:
@@ -141,6 +146,9 @@ def load_config(path: str | os.PathLike, cfg_options: list[str] | None = None) -
     top = {k: v for k, v in overrides.items() if "." not in k}
     namespace, transformer = _execute(path, source, top)
     cfg = {k: v for k, v in namespace.items() if not k.startswith("__") and _is_config_value(k, v)}
+    # a name evotune does not read that later lines use (XTuner's data_files, optim_type, alpaca_en, ...)
+    # acts through those lines; only a name nothing reads is an error (validate)
+    cfg = {k: v for k, v in cfg.items() if k in KNOWN_KEYS or k not in transformer.used}
     for key, value in top.items():
         if key not in transformer.seen:
             if key not in KNOWN_KEYS:

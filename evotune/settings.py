@@ -49,6 +49,7 @@ from typing import Any, Callable, Mapping
 from evotune.config import check_type_keys, load_config, suggest
 from evotune.dtypes import dtype_name, parse_dtype
 from evotune.errors import EvotuneError
+from evotune import xtuner_compat as xt
 
 _MISSING = object()  # the config has no such place
 
@@ -190,10 +191,13 @@ def setting(default: Any, *places: str, check: Callable = anything, fill: bool =
 @dataclass(frozen=True)
 class ModelSettings:
     spec: dict | None = setting(None, "model", check=optional_spec, doc="the trained module (SupervisedFinetune)")
-    tokenizer: dict | None = setting(None, "tokenizer", check=optional_spec)
-    path: str | None = setting(None, "model.llm.path", "pretrained_model_name_or_path", check=optional(string),
+    tokenizer: dict | None = setting(None, "tokenizer", "custom_hooks.EvaluateChatHook.tokenizer",
+                                     "custom_hooks.DatasetInfoHook.tokenizer", check=optional_spec)
+    path: str | None = setting(None, "model.llm.path", "model.llm.pretrained_model_name_or_path",
+                               "pretrained_model_name_or_path", check=optional(string),
                                doc="the model loaded (for messages)")
-    use_varlen_attn: bool = setting(True, "model.use_varlen_attn", "use_varlen_attn", check=boolean, fill=True)
+    use_varlen_attn: bool = setting(True, "model.use_varlen_attn", "train_dataloader.collate_fn.use_varlen_attn",
+                                    "use_varlen_attn", check=boolean, fill=True)
     label_smoothing: float = setting(0.0, "model.label_smoothing", "label_smoothing", check=nonnegative_number,
                                      fill=True)
 
@@ -207,8 +211,8 @@ class DataSettings:
                                           check=optional(string), fill=True)
     min_length: int = setting(0, "train_dataset.dataset_cfg.min_length", "min_length", check=nonnegative_int,
                               fill=True, doc="documents shorter than this are dropped (training and validation)")
-    max_length: int | None = setting(None, "train_dataset.packed_length", "max_length", check=optional(positive_int),
-                                     fill=True, doc="tokens per pack")
+    max_length: int | None = setting(None, "train_dataset.packed_length", "train_dataset.max_length", "max_length",
+                                     check=optional(positive_int), fill=True, doc="tokens per pack")
     max_length_per_sample: int | None = setting(None, "train_dataset.max_length_per_sample", "max_length_per_sample",
                                                 check=optional(positive_int), fill=True)
     pack_sample_into_one: bool = setting(False, "train_dataset.pack_sample_into_one", "pack_sample_into_one",
@@ -216,8 +220,14 @@ class DataSettings:
     dataset_weights: dict | None = setting(None, "train_dataset.dataset_weights", "dataset_weights", fill=True)
     seed: int | None = setting(None, "train_dataset.seed", "seed", check=optional(integer), fill=True,
                                doc="data seed: the pack order (None: build_packed_dataset's 1024)")
-    batch_size: int = setting(1, "train_dataloader.batch_size", "batch_size", check=positive_int,
-                              doc="packs per micro-batch per device")
+    batch_size: int = setting(1, "train_dataloader.batch_sampler.batch_size", "train_dataloader.batch_size",
+                              "batch_size", check=positive_int, doc="packs per micro-batch per device")
+    batch_sampler: Any = setting(None, "train_dataloader.batch_sampler", check=xt.is_a(xt.BatchSampler))
+    collate_fn: Any = setting(None, "train_dataloader.collate_fn", check=xt.is_a(xt.default_collate_fn))
+    pack_to_max_length: bool = setting(True, "train_dataset.pack_to_max_length", "pack_to_max_length",
+                                       check=boolean, doc="InternEvo folders are always packed")
+    dataset_info: Any = setting(None, "custom_hooks.DatasetInfoHook", check=xt.is_a(xt.DatasetInfoHook),
+                                doc="print the first pack decoded, with its loss mask, at start")
     num_workers: int = setting(0, "train_dataloader.num_workers", check=nonnegative_int,
                                doc="worker processes reading and collating packs (0: one thread)")
     sampler: dict | None = setting(None, "train_dataloader.sampler", check=optional_spec,
@@ -226,6 +236,7 @@ class DataSettings:
 
 @dataclass(frozen=True)
 class OptimSettings:
+    wrapper: Any = setting(None, "optim_wrapper.type", check=xt.is_a(xt.AmpOptimWrapper, xt.OptimWrapper))
     optimizer: dict | None = setting(None, "optim_wrapper.optimizer", check=optional_spec)
     lr: float | None = setting(None, "optim_wrapper.optimizer.lr", "lr", check=optional(nonnegative_number), fill=True)
     betas: tuple | None = setting(None, "optim_wrapper.optimizer.betas", "betas", fill=True)
@@ -238,8 +249,14 @@ class OptimSettings:
     max_norm: float | None = setting(None, "optim_wrapper.clip_grad.max_norm", "max_norm",
                                      check=optional(nonnegative_number), cli="--deepspeed",
                                      doc="gradient clipping (None or 0: none)")
+    error_if_nonfinite: bool = setting(False, "optim_wrapper.clip_grad.error_if_nonfinite", check=xt.only(
+        (False,), "a step with a NaN/inf gradient norm is skipped and counted (max_consecutive_skips stops the "
+                  "run); remove error_if_nonfinite"))
     dtype: str | None = setting(None, "optim_wrapper.dtype", check=floating_dtype, cli="--deepspeed",
-                                doc="compute dtype on CUDA (None: bfloat16); the CPU computes in float32")
+                                doc="compute dtype on CUDA (None: bfloat16); the CPU computes in float32 "
+                                    "unless float16 is asked for")
+    loss_scale: dict = setting("dynamic", "optim_wrapper.loss_scale", check=xt.loss_scale,
+                               doc="float16 loss scaling (evotune/train/loss_scale.py); unused otherwise")
     loss_reduction: str = setting("pack", "loss_reduction", check=one_of("pack", "token"))
     max_consecutive_skips: int = setting(5, "max_consecutive_skips", check=positive_int,
                                          doc="stop after this many steps in a row with a NaN/inf loss or grad "
@@ -252,8 +269,9 @@ class OptimSettings:
 class ScheduleSettings:
     phases: tuple = setting((), "param_scheduler", check=specs)
     max_epochs: float = setting(1, "train_cfg.max_epochs", "max_epochs", check=positive_number)
-    max_steps: int | None = setting(None, "train_cfg.max_steps", "max_steps", check=optional(positive_int),
-                                    doc="optimizer steps (None: max_epochs)")
+    max_steps: int | None = setting(None, "train_cfg.max_iters", "train_cfg.max_steps", "max_steps",
+                                    check=optional(positive_int), doc="optimizer steps (None: max_epochs)")
+    loop: Any = setting(None, "train_cfg.type", check=xt.is_a(xt.TrainLoop))
 
 
 @dataclass(frozen=True)
@@ -270,9 +288,10 @@ class ParallelSettings:
 
 @dataclass(frozen=True)
 class CheckpointSettings:
-    interval: int = setting(0, "checkpoint.interval", "save_steps", check=nonnegative_int,
-                            doc="save every N steps (0: only at the end)")
-    keep: int = setting(-1, "checkpoint.max_keep_ckpts", "save_total_limit", check=optional(integer),
+    interval: int = setting(0, "default_hooks.checkpoint.interval", "checkpoint.interval", "save_steps",
+                            check=nonnegative_int, doc="save every N steps (0: only at the end)")
+    keep: int = setting(-1, "default_hooks.checkpoint.max_keep_ckpts", "checkpoint.max_keep_ckpts",
+                        "save_total_limit", check=optional(integer),
                         doc="keep the newest N checkpoints (< 1 or None: all)")
     save_format: str | None = setting(None, "save_format", check=optional(one_of("huggingface", "internlm2")),
                                       doc="layout of hf/ (None: the layout the model came in)")
@@ -281,18 +300,23 @@ class CheckpointSettings:
 @dataclass(frozen=True)
 class EvalSettings:
     valid_folder: str | None = setting(None, "valid_folder", check=optional(string))
-    freq: int | None = setting(None, "evaluation_freq", check=optional(positive_int),
+    freq: int | None = setting(None, "custom_hooks.EvaluateChatHook.every_n_iters", "evaluation_freq",
+                               check=optional(positive_int),
                                doc="validation and samples every N steps (None: only at the end)")
-    inputs: tuple = setting((), "evaluation_inputs", check=strings)
-    max_new_tokens: int = setting(600, "max_new_tokens", check=positive_int)  # XTuner's EvaluateChatHook default
-    system: str | None = setting(None, "SYSTEM", check=optional(text))
-    prompt_template: str | None = setting(None, "prompt_template")
+    inputs: tuple = setting((), "custom_hooks.EvaluateChatHook.evaluation_inputs", "evaluation_inputs",
+                            check=strings)
+    max_new_tokens: int = setting(600, "custom_hooks.EvaluateChatHook.max_new_tokens", "max_new_tokens",
+                                  check=positive_int)  # XTuner's EvaluateChatHook default
+    system: str | None = setting(None, "custom_hooks.EvaluateChatHook.system", "SYSTEM", check=optional(text))
+    prompt_template: str | None = setting(None, "custom_hooks.EvaluateChatHook.prompt_template", "prompt_template")
 
 
 @dataclass(frozen=True)
 class LoggingSettings:
-    interval: int = setting(1, "log_interval", check=positive_int)
+    interval: int = setting(1, "default_hooks.logger.interval", "log_interval", check=positive_int)
     visualizer: Any = setting(None, "visualizer")
+    log_level: str = setting("INFO", "log_level", check=xt.only(("INFO",), "evotune prints progress at INFO"))
+    log_processor: dict | None = setting(None, "log_processor", check=xt.log_processor)
 
 
 @dataclass(frozen=True)
@@ -301,7 +325,21 @@ class RuntimeSettings:
                         doc="RNG seed of python, numpy and torch (the data seed is data.seed)")
     work_dir: str | None = setting(None, "work_dir", check=optional(string), cli="--work-dir",
                                    doc="None: ./work_dirs/<config name>")
-    resume: str | None = setting(None, cli="--resume")
+    resume: str | None = setting(None, "resume", check=xt.resume_flag, cli="--resume",
+                                 doc="auto: the work dir's latest checkpoint; or a checkpoint path")
+    load_from: str | None = setting(None, "load_from", check=optional(string),
+                                    doc="initial weights: an evotune checkpoint (checkpoints/step_N)")
+    deterministic: bool = setting(False, "randomness.deterministic", check=boolean,
+                                  doc="torch.use_deterministic_algorithms")
+    diff_rank_seed: bool = setting(False, "randomness.diff_rank_seed", check=xt.only(
+        (False,), "every rank uses the same seed; the data order is the sampler's"))
+    cudnn_benchmark: bool = setting(False, "env_cfg.cudnn_benchmark", check=boolean)
+    mp_start_method: str = setting("fork", "env_cfg.mp_cfg.mp_start_method", check=xt.only(
+        ("fork",), "data workers are forked (evotune/data/loader.py)"))
+    opencv_num_threads: int = setting(0, "env_cfg.mp_cfg.opencv_num_threads", check=nonnegative_int,
+                                      doc="accepted: evotune uses no OpenCV")
+    dist_backend: str = setting("nccl", "env_cfg.dist_cfg.backend", check=xt.only(
+        ("nccl",), "evotune uses nccl on CUDA and gloo on the CPU"), doc="nccl on CUDA, gloo on the CPU")
     config_path: str | None = setting(None, doc="the config file")
 
 
@@ -348,6 +386,8 @@ def _show(value: Any) -> str:
         return f"{getattr(t, '__name__', t)}(...)"
     if isinstance(value, tuple) and value and all(isinstance(v, dict) and "type" in v for v in value):
         return "[" + ", ".join(_show(v) for v in value) + "]"
+    if isinstance(value, type):  # an XTuner marker (evotune/xtuner_compat.py)
+        return value.__name__
     if dataclasses.is_dataclass(value):
         return getattr(value, "source", type(value).__name__)
     text = repr(value)
@@ -377,9 +417,12 @@ def plain_dicts() -> dict[str, set[str]]:
 
     A dict inside a ``type=`` dict (``train_dataset.dataset_cfg``) is checked
     against its callable's parameters instead (:func:`evotune.config.validate`).
+    An XTuner marker's dict (``default_hooks.checkpoint``) may also hold the
+    parameters whose values the marker fixes (:func:`evotune.xtuner_compat.check_fixed`).
     """
     specs_at = {f.metadata["places"][0] for _, f in _all_fields()
-                if f.metadata["places"] and f.metadata["check"] in (spec, optional_spec, specs)}
+                if f.metadata["places"] and (f.metadata["check"] in (spec, optional_spec, specs)
+                                             or getattr(f.metadata["check"], "reads_type_dict", False))}
     found: dict[str, set[str]] = {}
     for _, f in _all_fields():
         for place in f.metadata["places"]:
@@ -425,7 +468,7 @@ def _fill(cfg: dict, sources: _Sources) -> dict:
             continue
         nested, top = places[0], places[-1]
         parent_path, _, key = nested.rpartition(".")
-        if top not in cfg or _get(cfg, nested) is not _MISSING or nested.split(".")[0] not in cfg:
+        if top not in cfg or any(_get(cfg, p) is not _MISSING for p in places[:-1]) or nested.split(".")[0] not in cfg:
             continue
         if not isinstance(_get(cfg, parent_path), dict):
             raise EvotuneError(f"{top} cannot act ({sources.of(top)}): {parent_path} is not a dict that could pass "
@@ -448,8 +491,9 @@ def _check_plain_dicts(cfg: dict, sources: _Sources) -> None:
         if not isinstance(node, dict):
             raise EvotuneError(f"{path}: expected a dict with keys {', '.join(sorted(keys))}, got {node!r} "
                                f"({sources.of(path)})")
+        keys = keys | set(getattr(node.get("type"), "fixed", ()))
         for key in node:
-            if key not in keys:
+            if key not in keys and not (key == "type" and hasattr(node["type"], "fixed")):
                 raise EvotuneError(f"{sources.of(f'{path}.{key}')}: '{key}' is not a key of {path}"
                                    f"{suggest(key, keys)} (it may hold {', '.join(sorted(keys))})")
 
@@ -462,6 +506,10 @@ def resolve(cfg: dict, *, seed: int | None = None, work_dir: str | None = None, 
     whose ``gradient_clipping`` and bf16 setting win over the config's.
     """
     sources = _Sources(cfg)
+    for key, value in cfg.items():
+        if not key.startswith("_"):
+            xt.check_fixed(value, key, sources.of(key))
+    cfg = xt.normalise(cfg, sources)
     _check_plain_dicts(cfg, sources)
     filled = _fill(cfg, sources)
     cli: dict[str, tuple[Any, str]] = {"runtime.config_path": (cfg.get("_config_path"), "CONFIG argument")}
@@ -493,9 +541,35 @@ def resolve(cfg: dict, *, seed: int | None = None, work_dir: str | None = None, 
             values[section][f.name] = f.metadata["check"](value, name)
         except EvotuneError as e:
             raise EvotuneError(f"{e} ({source})" if source != name else str(e)) from None
+        if name in xt.ITERATION_PLACES and values[section][f.name]:  # XTuner counts micro-batches
+            accum = values["optim"]["accumulative_counts"]
+            values[section][f.name] = xt.iterations_to_steps(values[section][f.name], accum)
+            if accum > 1:
+                source += f" ({value} iterations of {accum} micro-batches per step)"
         where_from[key] = source
+    _check_xtuner_combinations(values, cfg, sources, where_from)
     return Settings(**{name: SECTIONS[name](**values[name]) for name in SECTIONS},
                     sources=MappingProxyType(where_from))
+
+
+def _check_xtuner_combinations(values: dict, cfg: dict, sources: _Sources, where_from: dict) -> None:
+    """Settings that act only together: ``resume=True`` + ``load_from`` (mmengine: resume from that
+    checkpoint), ``pack_to_max_length``, epoch-based schedule phases."""
+    runtime = values["runtime"]
+    if runtime["load_from"] and cfg.get("resume") is True and where_from["runtime.resume"] != "--resume":
+        runtime["resume"], runtime["load_from"] = runtime["load_from"], None
+        where_from["runtime.resume"] = f"{sources.of('resume')} with {sources.of('load_from')}"
+        where_from["runtime.load_from"] = "resumed from instead"
+    dataset = values["data"]["dataset"]
+    if not values["data"]["pack_to_max_length"] and not (dataset and "pack_to_max_length" in dataset):
+        raise EvotuneError(f"pack_to_max_length=False ({sources.of('pack_to_max_length')}): "
+                           f"{xt.type_name((dataset or {}).get('type'))} always packs to max_length; "
+                           "set pack_to_max_length=True")
+    for i, phase in enumerate(values["schedule"]["phases"]):
+        if phase.get("by_epoch", True) and phase.get("convert_to_iter_based") is False:
+            raise EvotuneError(f"param_scheduler[{i}]: by_epoch=True with convert_to_iter_based=False "
+                               f"({sources.of('param_scheduler')}) changes the lr once per epoch; evotune "
+                               "changes it every step: set convert_to_iter_based=True")
 
 
 def _from_places(filled: dict, original: dict, places: tuple[str, ...], sources: _Sources, default):
