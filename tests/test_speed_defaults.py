@@ -9,7 +9,7 @@ import torch
 
 from evotune.data.collate import MODEL_INPUTS, packed_collate
 from evotune.errors import EvotuneError
-from evotune.model import checkpointing
+from evotune.model import checkpointing, kernels
 from evotune.model.compile import decide
 from evotune.model.finetune import SupervisedFinetune
 from evotune.parallel.env import DistEnv
@@ -90,7 +90,8 @@ def test_supervised_finetune_only_records_and_parallelize_applies_auto_as_full_o
                 log=lines.append)
     assert model.activation_checkpointing == "full" and model.llm.is_activation_checkpointing
     assert lines[0].startswith("evotune: activation_checkpointing='auto' -> 'full': on cpu")
-    assert lines[1].startswith("evotune: torch_compile='auto': decoder layers not compiled (here: cpu, float32")
+    assert lines[1].startswith("evotune: fused kernels: none (layers not compiled, liger-kernel ")
+    assert lines[2].startswith("evotune: torch_compile='auto': decoder layers not compiled (here: cpu, float32")
 
 
 def test_parallelize_applies_checkpointing_then_compile_with_the_eager_loss_and_gradients():
@@ -104,10 +105,62 @@ def test_parallelize_applies_checkpointing_then_compile_with_the_eager_loss_and_
                               torch_compile={"backend": "aot_eager"})
     lines = []
     parallelize(fast, _one_cpu_process(), REPLICATE, torch.device("cpu"), torch.float32, log=lines.append)
-    assert lines == ["evotune: torch_compile={'backend': 'aot_eager'}: 2 decoder layers compiled"]
+    assert lines == ["evotune: fused kernels: inductor (the decoder layers are compiled)",
+                     "evotune: torch_compile={'backend': 'aot_eager'}: 2 decoder layers compiled"]
     assert all(layer._compiled_call_impl is not None for layer in fast.llm.model.layers)
     fast_loss = fast(**args)
     fast_loss.backward()
     torch.testing.assert_close(fast_loss, loss, rtol=1e-6, atol=1e-6)
     for (name, p), q in zip(eager.named_parameters(), fast.parameters()):
         torch.testing.assert_close(q.grad, p.grad, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def _reference_rms_norm(x, weight, eps, offset=0.0, casting_mode="llama", in_place=True):
+    assert (offset, casting_mode) == (0.0, "llama")
+    x32 = x.float()
+    return weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+def test_liger_goes_on_the_module_instances_only(monkeypatch):
+    """With stand-ins for Liger's two functions (liger-kernel needs CUDA; the GPU suite checks the real
+    kernels' losses): every RMSNorm and SwiGLU instance of this model is replaced, no class is, and
+    loss and gradients are the eager ones."""
+    from transformers.models.llama import modeling_llama
+
+    calls = {"rms": 0, "swiglu": 0}
+
+    def rms(*a, **kw):
+        calls["rms"] += 1
+        return _reference_rms_norm(*a, **kw)
+
+    def swiglu(a, b):
+        calls["swiglu"] += 1
+        return torch.nn.functional.silu(a) * b
+
+    monkeypatch.setattr(kernels, "liger_rms_norm", rms)
+    monkeypatch.setattr(kernels, "liger_swiglu", swiglu)
+    class_forwards = (modeling_llama.LlamaRMSNorm.forward, modeling_llama.LlamaMLP.forward)
+    args = _batch(seed=9)
+    eager = SupervisedFinetune(make_tiny_llama(), activation_checkpointing="none")
+    eager(**args).backward()
+    fused = SupervisedFinetune(make_tiny_llama(), activation_checkpointing="none")
+    assert kernels.apply_liger(fused.llm) == {"rms_norm": 5, "swiglu": 2}  # 2 per layer + final norm; 2 MLPs
+    assert (modeling_llama.LlamaRMSNorm.forward, modeling_llama.LlamaMLP.forward) == class_forwards
+    assert "forward" not in vars(make_tiny_llama().model.norm)  # a model built afterwards is untouched
+    loss = fused(**args)
+    loss.backward()
+    assert calls == {"rms": 5, "swiglu": 2}
+    for (name, p), q in zip(eager.named_parameters(), fused.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_fused_kernels_setting_is_resolved_or_refused():
+    cpu = torch.device("cpu")
+    assert kernels.resolve("auto", True, cpu) == ("inductor", "the decoder layers are compiled")
+    assert kernels.resolve("none", False, cpu) == ("none", "as set")
+    with pytest.raises(EvotuneError, match="fused_kernels='liger' needs the liger-kernel package and a CUDA"):
+        kernels.resolve("liger", False, cpu)
+    with pytest.raises(EvotuneError, match="fused_kernels='inductor' fuses through torch.compile"):
+        kernels.resolve("inductor", False, cpu)
+    with pytest.raises(EvotuneError, match="fused_kernels='triton'"):
+        SupervisedFinetune(make_tiny_llama(), fused_kernels="triton")

@@ -8,10 +8,15 @@ builds no ``[S, S]`` mask either (that mask alone is 1 GB at 32k tokens).
 
 Kernels, chosen per call by the device of the query:
 
-* CUDA: flash-attn's ``flash_attn_varlen_func`` when installed, else PyTorch's
-  ``torch.nn.attention.varlen.varlen_attn`` (its causal flag changed between
-  releases, so the signature is read once at import).
-  q/k/v go to the kernel in one 16-bit dtype (autocast's, see ``_kernel_inputs``).
+* CUDA: the first of :data:`VARLEN_KERNELS` that imports (and, for
+  FlashAttention-4, runs on this GPU): ``flash_attn_4`` (the ``flash-attn-4``
+  CuTe package, ``flash_attn.cute``, Hopper and newer), ``flash_attn``
+  (flash-attn 2/3's ``flash_attn_varlen_func``), ``torch`` (PyTorch's
+  ``torch.nn.attention.varlen.varlen_attn``; its causal flag changed between
+  releases, so the signature is read once at import). All three compute exact
+  attention; ``use_varlen_kernel(name)`` pins one (``bench/train_throughput.py
+  --attn-kernel`` measures each). q/k/v go to the kernel in one 16-bit dtype
+  (autocast's, see ``_kernel_inputs``).
 * CPU, or fp32 on CUDA: no varlen kernel has a CPU backward (or takes fp32), so
   each document runs causal SDPA on its own and the outputs are concatenated:
   exact, and what the tests use.
@@ -23,6 +28,7 @@ not once per layer); otherwise plain causal SDPA runs.
 
 from __future__ import annotations
 
+import functools
 import inspect
 
 import torch
@@ -38,6 +44,11 @@ try:  # pragma: no cover - only on machines with flash-attn
 except ImportError:
     flash_attn_varlen_func = None
 
+try:  # pragma: no cover - only on machines with flash-attn-4 (and its CUDA/CuTe dependencies)
+    from flash_attn.cute import flash_attn_varlen_func as fa4_varlen_func
+except ImportError:
+    fa4_varlen_func = None
+
 try:
     from torch.nn.attention.varlen import varlen_attn
 
@@ -47,12 +58,58 @@ except ImportError:  # torch < 2.10
     _VARLEN_PARAMS = set()
 
 
+VARLEN_KERNELS = ("flash_attn_4", "flash_attn", "torch")  # the runtime's order of preference
+_pinned: str | None = None
+
+
+def available_kernels(device: torch.device | None = None) -> list[str]:
+    """The varlen kernels that import here, in order of preference (FlashAttention-4 needs compute
+    capability 9.0 or newer)."""
+    names = []
+    if fa4_varlen_func is not None and torch.cuda.is_available() and \
+            torch.cuda.get_device_capability(device)[0] >= 9:
+        names.append("flash_attn_4")
+    if flash_attn_varlen_func is not None:
+        names.append("flash_attn")
+    if varlen_attn is not None:
+        names.append("torch")
+    return names
+
+
+def use_varlen_kernel(name: str | None) -> None:
+    """Pin the CUDA varlen kernel (None: the first available)."""
+    global _pinned
+    if name is not None and name not in VARLEN_KERNELS:
+        raise ValueError(f"varlen kernel {name!r}: one of {', '.join(VARLEN_KERNELS)}")
+    _pinned = name
+
+
+def varlen_kernel(device: torch.device | None = None) -> str:
+    """The kernel the next CUDA varlen call uses."""
+    names = available_kernels(device)
+    if _pinned is not None:
+        if _pinned not in names:
+            raise RuntimeError(f"varlen kernel {_pinned!r} is not available here (available: {names})")
+        return _pinned
+    if not names:
+        raise RuntimeError("varlen attention on CUDA needs torch>=2.10, flash-attn or flash-attn-4")
+    return names[0]
+
+
+@functools.cache
+def _kernel_for(device: torch.device, pinned: str | None) -> str:
+    return varlen_kernel(device)
+
+
 def _cuda_varlen(q, k, v, cu_q, cu_k, max_q, max_k, scale):
     """q/k/v: [T, H, D] on CUDA. Returns [T, Hq, D]."""
-    if flash_attn_varlen_func is not None:
+    kernel = _kernel_for(q.device, _pinned)
+    if kernel == "flash_attn_4":
+        out = fa4_varlen_func(q, k, v, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=max_q,
+                              max_seqlen_k=max_k, softmax_scale=scale, causal=True)
+        return out[0] if isinstance(out, tuple) else out  # some releases return (out, lse)
+    if kernel == "flash_attn":
         return flash_attn_varlen_func(q, k, v, cu_q, cu_k, max_q, max_k, softmax_scale=scale, causal=True)
-    if varlen_attn is None:
-        raise RuntimeError("varlen attention on CUDA needs torch>=2.10 or flash-attn")
     kwargs = {"scale": scale}
     if "window_size" in _VARLEN_PARAMS:
         kwargs["window_size"] = (-1, 0)

@@ -21,7 +21,9 @@ from torch import nn
 
 from evotune.config import build
 from evotune.model.attention import register as register_varlen
+from evotune.errors import EvotuneError
 from evotune.model.checkpointing import normalize_mode
+from evotune.model.kernels import FUSED_KERNELS
 from evotune.model.loss import DEFAULT_CHUNK_TOKENS, chunked_cross_entropy
 
 
@@ -36,7 +38,8 @@ class SupervisedFinetune(nn.Module):
     ``'selective'`` or ``'none'`` (or False), see :mod:`evotune.model.checkpointing`.
     ``torch_compile``: ``'auto'`` (the default), False, True or a dict of
     ``torch.compile`` options; compiles each decoder layer (:mod:`evotune.model.compile`).
-    Both are stored here and applied by ``parallelize``.
+    ``fused_kernels``: ``'auto'`` (the default), ``'liger'``, ``'inductor'`` or ``'none'``
+    (:mod:`evotune.model.kernels`). All three are stored here and applied by ``parallelize``.
     """
 
     def __init__(
@@ -45,6 +48,7 @@ class SupervisedFinetune(nn.Module):
         use_varlen_attn: bool = True,
         activation_checkpointing: bool | str = "auto",
         torch_compile: bool | str | dict = "auto",
+        fused_kernels: str = "auto",
         loss_chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
         label_smoothing: float = 0.0,
     ):
@@ -57,6 +61,9 @@ class SupervisedFinetune(nn.Module):
         self.llm.config.use_cache = False
         self.activation_checkpointing = normalize_mode(activation_checkpointing)
         self.torch_compile = torch_compile
+        if fused_kernels not in FUSED_KERNELS:
+            raise EvotuneError(f"fused_kernels={fused_kernels!r}: use one of {', '.join(FUSED_KERNELS)}")
+        self.fused_kernels = fused_kernels
 
     def forward(
         self,

@@ -1,7 +1,7 @@
 """Data parallelism with FSDP2 (``fully_shard``): the ZeRO presets and plain data parallel.
 
 ``parallelize`` first applies what ``SupervisedFinetune`` records as wanted:
-activation checkpointing (``'auto'`` resolved here, from the free GPU memory
+fused kernels (:mod:`evotune.model.kernels`), activation checkpointing (``'auto'`` resolved here, from the free GPU memory
 and the tokens of a micro-batch), then ``torch.compile`` of each decoder layer
 (:func:`evotune.model.compile.decide`), then sharding; the choices are printed.
 Checkpointing goes first because transformers' switch wraps the layer's call
@@ -52,7 +52,7 @@ from torch import nn
 from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
-from evotune.model import checkpointing
+from evotune.model import checkpointing, kernels
 from evotune.model.compile import compile_decoder_layers, decide
 from evotune.model.layers import decoder_layers
 from evotune.parallel.mesh import ParallelMesh
@@ -109,10 +109,11 @@ def state_bytes(model: nn.Module, pmesh: ParallelMesh, strategy: Strategy, compu
     return int(n * (16 / shards + (2 if compute_dtype != torch.float32 else 0)))
 
 
-def apply_checkpointing_and_compile(model: nn.Module, pmesh: ParallelMesh, strategy: Strategy,
+def apply_fast_paths(model: nn.Module, pmesh: ParallelMesh, strategy: Strategy,
                                     device: torch.device, compute_dtype: torch.dtype, tokens: int | None,
                                     log=print) -> None:
-    """Resolve and apply ``model.activation_checkpointing``, then ``model.torch_compile``.
+    """Resolve ``model.activation_checkpointing``, ``torch_compile`` and ``fused_kernels``; apply Liger's
+    kernels (on the module instances), then checkpointing, then compilation.
 
     ``tokens``: tokens of one micro-batch on this rank ('auto' sizes activations
     with it); ``log``: where the choices are printed (None: nowhere).
@@ -131,8 +132,14 @@ def apply_checkpointing_and_compile(model: nn.Module, pmesh: ParallelMesh, strat
         mode = choice.mode
         if log:
             log(f"evotune: activation_checkpointing='auto' -> '{mode}': {choice.reason}")
-    model.activation_checkpointing = checkpointing.set_activation_checkpointing(llm, mode)
     plan = decide(model.torch_compile, device, compute_dtype, model.use_varlen_attn)
+    model.fused_kernels, why = kernels.resolve(model.fused_kernels, plan.enabled, device)
+    if model.fused_kernels == "liger":
+        counts = kernels.apply_liger(llm)
+        why += f" ({counts['rms_norm']} RMSNorm, {counts['swiglu']} SwiGLU modules)"
+    if log:
+        log(f"evotune: fused kernels: {model.fused_kernels} ({why})")
+    model.activation_checkpointing = checkpointing.set_activation_checkpointing(llm, mode)
     if plan.enabled:
         n = compile_decoder_layers(llm, **plan.options)
         if log:
@@ -143,9 +150,9 @@ def apply_checkpointing_and_compile(model: nn.Module, pmesh: ParallelMesh, strat
 
 def parallelize(model: nn.Module, pmesh: ParallelMesh, strategy: Strategy, device: torch.device,
                 compute_dtype: torch.dtype, tokens: int | None = None, log=print) -> nn.Module:
-    """Checkpointing and compilation (:func:`apply_checkpointing_and_compile`), then shard ``model``
+    """Checkpointing and compilation (:func:`apply_fast_paths`), then shard ``model``
     (a ``SupervisedFinetune``) in place; one CPU process just gets fp32 weights."""
-    apply_checkpointing_and_compile(model, pmesh, strategy, device, compute_dtype, tokens, log)
+    apply_fast_paths(model, pmesh, strategy, device, compute_dtype, tokens, log)
     if not uses_fsdp(pmesh):
         _upcast_(model)
         return model.to(device)
