@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from evotune.data.collate import MODEL_INPUTS, packed_collate
+from evotune.model.checkpointing import set_activation_checkpointing
 from evotune.model.finetune import SupervisedFinetune
 from evotune.model.loss import chunked_cross_entropy
 from tests.conftest import make_tiny_llama, whole_document_pack
@@ -18,7 +19,8 @@ def _grads(module) -> dict[str, torch.Tensor]:
 def test_packed_varlen_equals_documents_one_by_one():
     torch.manual_seed(0)
     docs = [torch.randint(3, 128, (n,)).tolist() for n in (7, 19, 1, 12)]
-    model = SupervisedFinetune(make_tiny_llama(), use_varlen_attn=True, activation_checkpointing=True)
+    model = SupervisedFinetune(make_tiny_llama(), use_varlen_attn=True)
+    set_activation_checkpointing(model.llm, "full")  # parallelize applies it in training
     batch = packed_collate([whole_document_pack(docs)], "token")
     loss = model(**{k: batch[k] for k in MODEL_INPUTS})
     loss.backward()

@@ -23,6 +23,7 @@ import torch.distributed as dist
 
 from evotune.data.collate import MODEL_INPUTS, packed_collate
 from evotune.errors import EvotuneError
+from evotune.model.checkpointing import set_activation_checkpointing
 from evotune.model.finetune import SupervisedFinetune
 from evotune.parallel.ulysses import check_heads, replicate_kv_heads, shard_row
 from tests.conftest import REPO, make_tiny_llama, whole_document_pack
@@ -55,7 +56,9 @@ def _micro_batches() -> list[dict]:
 
 def _model(heads: int, kv_heads: int, varlen: bool, checkpointing: bool) -> SupervisedFinetune:
     llm = make_tiny_llama(seed=3, hidden_size=16 * heads, num_attention_heads=heads, num_key_value_heads=kv_heads)
-    return SupervisedFinetune(llm, use_varlen_attn=varlen, activation_checkpointing=checkpointing)
+    model = SupervisedFinetune(llm, use_varlen_attn=varlen)
+    set_activation_checkpointing(model.llm, checkpointing)  # what parallelize does in training
+    return model
 
 
 def _run(model, batches, sp_group=None, sp_rank=0, loss_scale=1.0) -> float:
