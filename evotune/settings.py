@@ -327,6 +327,8 @@ class RuntimeSettings:
                                    doc="None: ./work_dirs/<config name>")
     resume: str | None = setting(None, "resume", check=xt.resume_flag, cli="--resume",
                                  doc="auto: the work dir's latest checkpoint; or a checkpoint path")
+    resume_data_changed: bool = setting(False, cli="--resume-data-changed",
+                                        doc="resume although the training data changed since the checkpoint")
     load_from: str | None = setting(None, "load_from", check=optional(string),
                                     doc="initial weights: an evotune checkpoint (checkpoints/step_N)")
     deterministic: bool = setting(False, "randomness.deterministic", check=boolean,
@@ -499,7 +501,7 @@ def _check_plain_dicts(cfg: dict, sources: _Sources) -> None:
 
 
 def resolve(cfg: dict, *, seed: int | None = None, work_dir: str | None = None, resume: str | None = None,
-            deepspeed=None) -> Settings:
+            deepspeed=None, resume_data_changed: bool | None = None) -> Settings:
     """The settings of a validated config (:func:`evotune.config.load_config`) and the command line.
 
     ``deepspeed``: the ``--deepspeed`` preset (``evotune.parallel.zero.ZeroSettings``),
@@ -514,7 +516,8 @@ def resolve(cfg: dict, *, seed: int | None = None, work_dir: str | None = None, 
     filled = _fill(cfg, sources)
     cli: dict[str, tuple[Any, str]] = {"runtime.config_path": (cfg.get("_config_path"), "CONFIG argument")}
     for key, value, flag in (("runtime.seed", seed, "--seed"), ("runtime.work_dir", work_dir, "--work-dir"),
-                             ("runtime.resume", resume, "--resume")):
+                             ("runtime.resume", resume, "--resume"),
+                             ("runtime.resume_data_changed", resume_data_changed, "--resume-data-changed")):
         if value is not None:
             cli[key] = (value, flag)
     if deepspeed is not None:

@@ -67,11 +67,18 @@ class Checkpointer:
         self.saved_step: int | None = None
         self._rng: dict | None = None
 
-    def resume(self, resume: str | None) -> Resumed | None:
-        """Load the checkpoint ``--resume`` names (None: a fresh run)."""
+    def resume(self, resume: str | None, data_changed_ok: bool = False) -> Resumed | None:
+        """Load the checkpoint ``--resume`` names (None: a fresh run).
+
+        Refused first, in one line: a checkpoint of another optimizer, or of other
+        training data (``meta['data_fingerprint']``) unless ``data_changed_ok``
+        (``--resume-data-changed=ok``); another model shape is refused by
+        :func:`dcp.load_checkpoint`.
+        """
         path = dcp.resolve_resume(resume, self.work_dir) if resume else None
         if path is None:
             return None
+        self._check_same_run(path, data_changed_ok)
         start = time.perf_counter()
         loaded = dcp.load_checkpoint(path, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler)
         state = TrainState(loaded["step"], loaded["consumed_tokens"], loaded["sampler"],
@@ -79,6 +86,19 @@ class Checkpointer:
         self.saved_step = state.step
         self._rng = loaded["rng"]
         return Resumed(path, state, loaded.get("world_size"), time.perf_counter() - start)
+
+    def _check_same_run(self, path: str, data_changed_ok: bool) -> None:
+        saved = dcp.read_trainer_state(path)
+        before, now = saved.get("optimizer"), self.meta.get("optimizer")
+        if before and now and before != now:
+            raise EvotuneError(f"--resume {path}: the checkpoint was trained with the optimizer {before}, this run "
+                               f"uses {now}; resume with the optimizer it was trained with, or start a fresh run")
+        before, now = saved.get("data_fingerprint"), self.meta.get("data_fingerprint")
+        if before and now and before != now and not data_changed_ok:
+            raise EvotuneError(f"--resume {path}: the training data changed since this checkpoint (index fingerprint "
+                               f"{before} then, {now} now: other files, documents, max_length or min_length), so "
+                               "the data order cannot continue where it stopped; restore the data, or pass "
+                               "--resume-data-changed=ok to continue on the new data")
 
     def restore_rng(self) -> None:
         """This rank's RNG as the checkpoint saved it; call last, once the model and data are built."""

@@ -225,13 +225,15 @@ def load_checkpoint(path: str, *, model, optimizer, scheduler) -> dict:
     state = read_trainer_state(path)
     model_sd, optim_sd = get_state_dict(model, optimizer)
     loaded = {"model": model_sd, "optimizer": optim_sd}
+    _check_fits(path, loaded)
     try:
         with _single_process_quiet():
             dcp.load(loaded, checkpoint_id=path, no_dist=not dist.is_initialized())
-    except (Exception, CheckpointException) as e:  # missing keys, shape mismatches (with a long traceback)
+    except (Exception, CheckpointException) as e:  # the layout fits (checked above): the files are damaged
         reason = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
-        raise EvotuneError(f"{path}: does not fit this model and optimizer ({reason}); "
-                           "resume with the config the checkpoint was trained with") from e
+        raise EvotuneError(f"{path}: its files cannot be read ({reason[:200]}): the checkpoint is damaged "
+                           "(a truncated or missing file); resume from an older one with --resume "
+                           f"{os.path.dirname(path)}/step_<N>") from e
     set_state_dict(model, optimizer, model_state_dict=loaded["model"], optim_state_dict=loaded["optimizer"])
     scheduler.load_state_dict(state.pop("scheduler"))
     rng_file = os.path.join(path, "rng", f"rank_{_rank()}.pt")
@@ -239,6 +241,32 @@ def load_checkpoint(path: str, *, model, optimizer, scheduler) -> dict:
         rng_file = os.path.join(path, "rng", "rank_0.pt")
     state["rng"] = torch.load(rng_file, weights_only=True)
     return state
+
+
+def _check_fits(path: str, state: dict) -> None:
+    """Compare the checkpoint's tensor layout (its ``.metadata``) with this model's and optimizer's:
+    one line naming the first tensor that differs, instead of DCP's long traceback."""
+    try:
+        saved = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
+    except Exception as e:  # noqa: BLE001 - an unreadable .metadata is one user error
+        raise EvotuneError(f"{path}/.metadata cannot be read ({type(e).__name__}): the checkpoint is damaged; "
+                           f"resume from an older one with --resume {os.path.dirname(path)}/step_<N>") from None
+    flat = {f"model.{k}": v for k, v in state["model"].items()}
+    for name, value in state["optimizer"].get("state", {}).items():
+        flat.update({f"optimizer.state.{name}.{k}": v for k, v in value.items()})
+    missing = [k for k in flat if k not in saved and isinstance(flat[k], torch.Tensor)]
+    if missing:
+        what = "optimizer state" if missing[0].startswith("optimizer.") else "model tensor"
+        raise EvotuneError(f"--resume {path}: the checkpoint has no {what} {missing[0]} ({len(missing)} missing): it "
+                           f"was trained with another {'optimizer' if what != 'model tensor' else 'model'}; resume "
+                           "with the config it was trained with")
+    for key, value in flat.items():
+        md = saved[key]
+        if isinstance(value, torch.Tensor) and isinstance(md, TensorStorageMetadata) and tuple(md.size) != tuple(
+                value.shape):
+            raise EvotuneError(f"--resume {path}: {key} is {list(md.size)} in the checkpoint but {list(value.shape)} "
+                               "in this model: it was trained with another model shape; resume with the config it "
+                               "was trained with")
 
 
 def model_tensors(path: str) -> dict[str, tuple[str, object]]:

@@ -385,6 +385,16 @@ class FtdpFolder:
     def num_tokens(self) -> int:
         return sum(f.num_tokens for f in self.files)
 
+    def fingerprint(self) -> str:
+        """What the data order depends on, from the index (no pass over the tokens): each file's
+        path, size and document lengths, and ``min_length``. Stored in checkpoints, so a resume
+        on changed data is noticed (evotune/checkpoint/checkpointer.py)."""
+        h = hashlib.sha1(f"{self.min_length}".encode())
+        for f in self.files:
+            h.update(f"{f.rel_path}:{os.path.getsize(f.path)}:".encode())
+            h.update(np.ascontiguousarray(f.lengths, dtype=np.int64).tobytes())
+        return h.hexdigest()[:16]
+
     def check_vocab_size(self, vocab_size: int) -> None:
         """Raise naming the first file and row whose token id does not fit ``vocab_size``."""
         if self.max_token_id < vocab_size:

@@ -167,8 +167,9 @@ def _train(s: Settings, env: DistEnv, stop: StopSignals) -> dict:
         scheduler=scheduler, hf_config=m.llm.config, is_main=env.is_main,
         meta={"world_size": env.world_size, "dp_size": pmesh.dp_size, "sp_size": pmesh.sp_size,
               "strategy": strategy.name if pmesh.mesh is not None else "none",
-              "model_source": ModelSource.of(m.llm)})
-    resumed = checkpointer.resume(s.runtime.resume)
+              "model_source": ModelSource.of(m.llm), "optimizer": type(optimizer).__name__,
+              "data_fingerprint": f"{dataset.folder.fingerprint()}:{dataset.packed_length}:{len(dataset)}"})
+    resumed = checkpointer.resume(s.runtime.resume, data_changed_ok=s.runtime.resume_data_changed)
     state = resumed.state if resumed else TrainState()
     if resumed:
         sampler.load_state_dict(state.sampler)

@@ -40,6 +40,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "WORLD_SIZE, ...), slurm (srun)")
     parser.add_argument("--resume", metavar="auto|PATH",
                         help="continue from the latest checkpoint of the work dir (auto) or from PATH")
+    parser.add_argument("--resume-data-changed", choices=["ok"],
+                        help="ok: resume although the training data changed since the checkpoint (refused "
+                             "otherwise; the data order then continues on the new data)")
 
 
 def resolve_config_path(name: str) -> str:
@@ -55,7 +58,8 @@ def train_argv(args: argparse.Namespace) -> list[str]:
     """The arguments of this ``evotune train`` call, for the processes torchrun starts."""
     argv = [args.config]
     for flag, value in (("--work-dir", args.work_dir), ("--seed", args.seed), ("--deepspeed", args.deepspeed),
-                        ("--device", args.device), ("--resume", args.resume)):
+                        ("--device", args.device), ("--resume", args.resume),
+                        ("--resume-data-changed", args.resume_data_changed)):
         if value is not None:
             argv += [flag, str(value)]
     if args.cfg_options:
@@ -66,7 +70,8 @@ def train_argv(args: argparse.Namespace) -> list[str]:
 def settings_of(args: argparse.Namespace, zero):
     """The settings of this command line: the config, ``--cfg-options`` and the flags that set values."""
     return load_settings(resolve_config_path(args.config), args.cfg_options, seed=args.seed,
-                         work_dir=args.work_dir, resume=args.resume, deepspeed=zero)
+                         work_dir=args.work_dir, resume=args.resume, deepspeed=zero,
+                         resume_data_changed=True if args.resume_data_changed else None)
 
 
 def main(args: argparse.Namespace) -> int:
