@@ -22,6 +22,7 @@ from __future__ import annotations
 import ast
 import difflib
 import inspect
+import traceback
 import os
 from typing import Any
 
@@ -120,6 +121,11 @@ def _execute(path: str, source: str, overrides: dict[str, Any]) -> tuple[dict[st
         ) from None
     except ImportError as e:
         raise EvotuneError(f"{path}: {e}") from None
+    except EvotuneError:
+        raise
+    except Exception as e:  # noqa: BLE001 - any error raised by the file's own code is the file's
+        line = next((f.lineno for f in reversed(traceback.extract_tb(e.__traceback__)) if f.filename == path), "?")
+        raise EvotuneError(f"{path}:{line}: the config raised {type(e).__name__}: {e}; fix that line") from None
     return namespace, transformer
 
 

@@ -533,3 +533,62 @@ def test_sigkill_at_ten_random_moments_then_resume_auto_is_bitwise(tmp_path, tin
     finally:
         zygote.close()
     assert len(set(k.split(":")[0] for k in kills)) >= 4, kills  # the seed covers most kinds of moment
+
+
+# --------------------------------------------------------------------------- resume guards, config errors
+
+
+def test_resume_guards_say_what_differs(tmp_path, tiny_llama_dir, small_folder, capsys):
+    """Another model shape, another optimizer, not a checkpoint, a damaged one, changed data: one line each."""
+    import shutil
+
+    import numpy as np
+
+    from tests.conftest import random_documents, write_folder
+
+    opts = tiny_options(tiny_llama_dir, small_folder, max_steps=2, save_steps=2)
+    assert train_cli(tmp_path / "w", opts) == 0
+    step_2 = tmp_path / "w" / "checkpoints" / "step_2"
+
+    def refused(path, options, *extra) -> str:
+        capsys.readouterr()
+        assert train_cli(tmp_path / "other", options, "--resume", str(path), *extra) == 2
+        [line] = error_lines(capsys.readouterr().err)
+        return line
+
+    wider = tmp_path / "wider"
+    make_tiny_llama(intermediate_size=96).save_pretrained(wider)
+    line = refused(step_2, tiny_options(str(wider), small_folder, max_steps=4))
+    assert "model.llm.model.layers.0.mlp.gate_proj.weight is [128, 64] in the checkpoint but [96, 64] in this model" \
+        in line and "another model shape" in line
+
+    sgd = tmp_path / "sgd" / "step_2"
+    shutil.copytree(step_2, sgd)
+    state = json.loads((sgd / "trainer_state.json").read_text())
+    assert state["optimizer"] == "AdamW"
+    (sgd / "trainer_state.json").write_text(json.dumps({**state, "optimizer": "SGD"}))
+    assert "the checkpoint was trained with the optimizer SGD, this run uses AdamW" in refused(sgd, opts)
+
+    assert "not a checkpoint" in refused(tmp_path / "sgd" / "nothing", opts)
+
+    damaged = tmp_path / "damaged" / "step_2"
+    shutil.copytree(step_2, damaged)
+    distcp = damaged / "__0_0.distcp"
+    os.truncate(distcp, distcp.stat().st_size // 2)
+    line = refused(damaged, opts)
+    assert "its files cannot be read" in line and "the checkpoint is damaged" in line and "config" not in line
+
+    changed = write_folder(tmp_path / "changed", {"a.bin": random_documents(np.random.RandomState(5), 100)})
+    line = refused(step_2, tiny_options(tiny_llama_dir, changed, max_steps=4))
+    assert "the training data changed since this checkpoint" in line and "--resume-data-changed=ok" in line
+    assert train_cli(tmp_path / "w", tiny_options(tiny_llama_dir, changed, max_steps=4), "--resume", "auto",
+                     "--resume-data-changed", "ok") == 0
+    assert [r["step"] for r in read_metrics(tmp_path / "w")] == [1, 2, 3, 4]
+
+
+def test_a_config_that_raises_while_it_runs_is_one_line(tmp_path, capsys):
+    config = tmp_path / "raises.py"
+    config.write_text("max_length = 64\nlr = 1 / 0\n")
+    assert cli_main(["train", str(config), "--device", "cpu", "--work-dir", str(tmp_path / "w")]) == 2
+    assert error_lines(capsys.readouterr().err) == [
+        f"evotune: error: {config}:2: the config raised ZeroDivisionError: division by zero; fix that line"]

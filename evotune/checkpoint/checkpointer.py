@@ -44,6 +44,7 @@ class Resumed:
     state: TrainState
     world_size: int | None  # processes of the run that saved it
     load_time: float
+    data_changed: bool = False  # resumed on other data (--resume-data-changed=ok): the data order restarts
 
 
 class Checkpointer:
@@ -78,16 +79,17 @@ class Checkpointer:
         path = dcp.resolve_resume(resume, self.work_dir) if resume else None
         if path is None:
             return None
-        self._check_same_run(path, data_changed_ok)
+        data_changed = self._check_same_run(path, data_changed_ok)
         start = time.perf_counter()
         loaded = dcp.load_checkpoint(path, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler)
         state = TrainState(loaded["step"], loaded["consumed_tokens"], loaded["sampler"],
                            loaded.get("skipped_steps", 0))
         self.saved_step = state.step
         self._rng = loaded["rng"]
-        return Resumed(path, state, loaded.get("world_size"), time.perf_counter() - start)
+        return Resumed(path, state, loaded.get("world_size"), time.perf_counter() - start, data_changed)
 
-    def _check_same_run(self, path: str, data_changed_ok: bool) -> None:
+    def _check_same_run(self, path: str, data_changed_ok: bool) -> bool:
+        """Raise on another optimizer or (unless ``data_changed_ok``) other data; True: the data changed."""
         saved = dcp.read_trainer_state(path)
         before, now = saved.get("optimizer"), self.meta.get("optimizer")
         if before and now and before != now:
@@ -99,6 +101,7 @@ class Checkpointer:
                                f"{before} then, {now} now: other files, documents, max_length or min_length), so "
                                "the data order cannot continue where it stopped; restore the data, or pass "
                                "--resume-data-changed=ok to continue on the new data")
+        return bool(before and now and before != now)
 
     def restore_rng(self) -> None:
         """This rank's RNG as the checkpoint saved it; call last, once the model and data are built."""

@@ -171,7 +171,11 @@ def _train(s: Settings, env: DistEnv, stop: StopSignals) -> dict:
               "data_fingerprint": f"{dataset.folder.fingerprint()}:{dataset.packed_length}:{len(dataset)}"})
     resumed = checkpointer.resume(s.runtime.resume, data_changed_ok=s.runtime.resume_data_changed)
     state = resumed.state if resumed else TrainState()
-    if resumed:
+    if resumed and resumed.data_changed:  # --resume-data-changed=ok: the old order means nothing on new data
+        if env.is_main:
+            print(f"evotune: the training data changed since {resumed.path}: weights, optimizer and schedule "
+                  "continue from it, the new data is read from its start")
+    elif resumed:
         sampler.load_state_dict(state.sampler)
     elif env.is_main:
         workdir.set_aside_run(work_dir)
