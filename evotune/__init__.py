@@ -25,6 +25,17 @@ _EXPORTS: dict[str, str] = {
     "write_bin": "evotune.data.ftdp_write",
     "BinWriter": "evotune.data.ftdp_write",
     "tokenize_files": "evotune.data.tokenize",
+    # XTuner's data path (evotune/data/hf_dataset.py, xtuner_maps.py, templates.py)
+    "process_hf_dataset": "evotune.data.hf_dataset",
+    "load_intern_repo_untokenized_dataset": "evotune.data.hf_dataset",
+    "template_map_fn": "evotune.data.xtuner_maps",
+    "template_map_fn_factory": "evotune.data.xtuner_maps",
+    "DATASET_FORMAT_MAPPING": "evotune.data.xtuner_maps",
+    **{f"{name}_map_fn": "evotune.data.xtuner_maps" for name in (
+        "alpaca", "alpaca_zh", "arxiv", "code_alpaca", "colors", "crime_kg_assitant", "default", "law_reference",
+        "medical", "oasst1", "openai", "openorca", "pretrain", "sql", "stack_exchange", "tiny_codes", "wizardlm")},
+    "PROMPT_TEMPLATE": "evotune.data.templates",
+    "SYSTEM_TEMPLATE": "evotune.data.templates",
     # model
     "load_model": "evotune.model.load",
     "load_tokenizer": "evotune.model.load",

@@ -436,7 +436,7 @@ def walk_data_files(folder: str, file_type: str = ".bin") -> list[str]:
     return out
 
 
-def _read_data_order(folder: str, data_order_path: str, file_type: str) -> list[str]:
+def read_data_order(folder: str, data_order_path: str, file_type: str) -> list[str]:
     if not os.path.isfile(data_order_path):
         raise EvotuneError(f"data_order_path {data_order_path} does not exist; write one with "
                            f"'evotune data-order {folder} -o {data_order_path}' or set data_order_path=None")
@@ -467,7 +467,7 @@ def _type_names(folder: str, rel_paths: list[str]) -> list[str]:
     return names
 
 
-def _distributed():
+def distributed():
     """torch.distributed when a process group is up (never imports torch itself)."""
     torch = sys.modules.get("torch")
     if torch is None:
@@ -505,7 +505,7 @@ def load_intern_repo_tokenized_dataset(folder, min_length: int = 0, data_order_p
     if not os.path.isdir(folder):
         raise EvotuneError(f"dataset folder {folder} does not exist or is not a folder")
     if data_order_path is not None:
-        rel_paths = _read_data_order(folder, os.fspath(data_order_path), file_type)
+        rel_paths = read_data_order(folder, os.fspath(data_order_path), file_type)
     else:
         rel_paths = walk_data_files(folder, file_type)
     if not rel_paths:
@@ -516,7 +516,7 @@ def load_intern_repo_tokenized_dataset(folder, min_length: int = 0, data_order_p
 def load_files(folder: str, rel_paths: list[str], min_length: int = 0, file_type: str = ".bin") -> FtdpFolder:
     """Index the given files of ``folder`` (relative paths, in this order) into a folder object."""
     type_names = _type_names(folder, rel_paths)
-    dist = _distributed()
+    dist = distributed()
     if dist is not None and dist.get_rank() == 0:
         for rel in rel_paths:
             index_file(os.path.join(folder, rel))

@@ -57,9 +57,10 @@ class _FilePacks:
     last_doc: np.ndarray  # per pack: index of the document holding its last token
 
 
-def _plan_file(f: FtdpFile, packed_length: int) -> _FilePacks:
+def _plan_file(f: FtdpFile, packed_length: int, shuffle: bool = True) -> _FilePacks:
     order = np.arange(len(f.kept))
-    np.random.RandomState(FILE_SHUFFLE_SEED).shuffle(order)
+    if shuffle:
+        np.random.RandomState(FILE_SHUFFLE_SEED).shuffle(order)
     doc_rows = f.kept[order]
     doc_ends = np.cumsum(f.lengths[doc_rows], dtype=np.int64)
     n_packs = int(doc_ends[-1]) // packed_length if len(doc_ends) else 0
@@ -74,12 +75,14 @@ class PackedDataset:
 
     Keys: ``input_ids``, ``labels``, ``position_ids``, ``type_ids`` (int64, length
     ``packed_length``) and ``cu_seqlens`` (int32, from 0 to ``packed_length``).
-    ``seed`` is the sampler's default seed; ``mixing`` the ``dataset_weights`` plan.
+    ``seed`` is the sampler's default seed; ``mixing`` the ``dataset_weights`` plan;
+    ``shuffle_documents=False`` packs each file's documents in file order (XTuner's
+    ``shuffle_before_pack=False``, evotune/data/hf_dataset.py).
     """
 
     def __init__(self, folder: FtdpFolder, packed_length: int, seed: int = 1024,
                  max_length_per_sample: int | None = None, pack_sample_into_one: bool = False,
-                 dataset_weights: dict | None = None):
+                 dataset_weights: dict | None = None, shuffle_documents: bool = True):
         if int(packed_length) <= 0:
             raise EvotuneError(f"packed_length must be a positive number of tokens, got {packed_length}")
         self.packed_length = int(packed_length)
@@ -94,7 +97,7 @@ class PackedDataset:
         self.folder = folder
         self.type_names = list(folder.type_names)
         self.max_token_id = folder.max_token_id
-        self.plans = [_plan_file(f, self.packed_length) for f in folder.files]
+        self.plans = [_plan_file(f, self.packed_length, shuffle_documents) for f in folder.files]
         self.pack_offsets = np.concatenate([[0], np.cumsum([len(p.first_doc) for p in self.plans])]).astype(np.int64)
         self._arange = np.arange(self.packed_length, dtype=np.int64)
         L = self.max_length_per_sample
