@@ -592,3 +592,91 @@ def test_a_config_that_raises_while_it_runs_is_one_line(tmp_path, capsys):
     assert cli_main(["train", str(config), "--device", "cpu", "--work-dir", str(tmp_path / "w")]) == 2
     assert error_lines(capsys.readouterr().err) == [
         f"evotune: error: {config}:2: the config raised ZeroDivisionError: division by zero; fix that line"]
+
+
+def _bad_folder(root: Path, case: str) -> str:
+    """A data folder with one of the documented problems (docs/data.md, "Errors")."""
+    import numpy as np
+
+    from evotune.data.ftdp_write import write_bin
+
+    path = root / "data" / "a.bin"
+    docs = [[5, 6, 7], [8, 9], [10, 11, 12, 13]]
+    write_bin(path, docs)
+    lines = path.read_bytes().splitlines(keepends=True)
+    meta = np.load(str(path) + ".meta")
+    if case == "corrupt line":
+        path.write_bytes(lines[0] + b'{"tokens": [8, 9}\n' + lines[2])
+    elif case == "meta/bin mismatch":
+        np.save(open(str(path) + ".meta", "wb"), meta[:2])
+    elif case == "truncated file":
+        path.write_bytes(b"".join(lines)[:-6])
+    elif case == "vocab":  # enough tokens for packs of 64
+        write_bin(path, [[5, 6, 7] * 20, [8, 500] * 40])
+    elif case == "empty folder":
+        path.unlink()
+        Path(str(path) + ".meta").unlink()
+    elif case == "missing meta":
+        Path(str(path) + ".meta").unlink()
+    elif case == "wrapped int32 meta":
+        meta = meta.astype(np.int32)
+        meta[2, 0] = -2147483598
+        np.save(open(str(path) + ".meta", "wb"), meta)
+    return str(root / "data")
+
+
+BAD_INPUT = {  # case: what the one line says (docs/data.md, docs/reliability.md)
+    "corrupt line": "a.bin: line 2 (byte offset 22) is not JSON",
+    "meta/bin mismatch": "a.bin.meta has 2 rows but",
+    "truncated file": "a.bin: line 3 (byte offset 41) is not JSON",
+    "vocab": "beyond the model's vocabulary of 128",
+    "empty folder": "has no '*.bin' file",
+    "missing meta": "its meta file",
+    "wrapped int32 meta": "wrapped past 2 GiB",
+    "typo'd key": "unknown key 'max_lenght'",
+    "config syntax error": "syntax error: '(' was never closed",
+    "missing config": "is neither a file nor a shipped config",
+    "sp not dividing the world": "sequence_parallel_size",
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_INPUT))
+def test_every_documented_bad_input_is_one_line_and_exit_2(case, tmp_path, tiny_llama_dir, small_folder, capsys):
+    folder = _bad_folder(tmp_path, case) if case in ("corrupt line", "meta/bin mismatch", "truncated file", "vocab",
+                                                     "empty folder", "missing meta", "wrapped int32 meta") else small_folder
+    opts = tiny_options(tiny_llama_dir, folder, max_steps=1)
+    config = "tiny_llama_cpu"
+    if case == "typo'd key":
+        opts.append("max_lenght=64")
+    elif case == "config syntax error":
+        config = str(tmp_path / "broken.py")
+        Path(config).write_text("max_length = (\n")
+    elif case == "missing config":
+        config = str(tmp_path / "nowhere.py")
+    elif case == "sp not dividing the world":
+        opts.append("sequence_parallel_size=2")
+    code = cli_main(["train", config, "--device", "cpu", "--work-dir", str(tmp_path / "w"), "--cfg-options", *opts])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    lines = [line for line in err.splitlines() if line.strip() and not line.startswith(("Writing", "Loading"))]
+    assert len(lines) == 1 and lines[0].startswith("evotune: error:") and BAD_INPUT[case] in lines[0], err
+    assert not (tmp_path / "w" / "checkpoints").exists()  # nothing written
+
+
+def test_first_signal_sets_the_flag_and_a_second_ctrl_c_exits_at_once():
+    """SIGTERM (again: torchrun forwards what slurm sent) only sets the flag; Ctrl-C after it exits at once."""
+    script = ("import os, signal, time\n"
+              "from evotune.train.preempt import StopSignals\n"
+              "with StopSignals() as stop:\n"
+              "    for _ in range(2):\n"
+              "        os.kill(os.getpid(), signal.SIGTERM)\n"
+              "        time.sleep(0.2)\n"
+              "        print('flag', stop.requested, flush=True)\n"
+              "    os.kill(os.getpid(), signal.SIGINT)\n"
+              "    time.sleep(5)\n"
+              "print('not reached')\n")
+    proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 130, proc.stderr
+    assert proc.stdout == "flag SIGTERM\nflag SIGTERM\n"
+    assert proc.stderr.count("got SIGTERM: finishing this step, saving a checkpoint, then exiting (code 75") == 1
+    assert "SIGINT after SIGTERM: exiting now, without a checkpoint" in proc.stderr

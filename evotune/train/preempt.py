@@ -46,7 +46,8 @@ class StopSignals:
     def _handle(self, signum: int, _frame) -> None:
         name = signal.Signals(signum).name
         if self.requested is not None and signum == signal.SIGINT:
-            print(f"evotune: second {name}: exiting now, without a checkpoint", file=sys.stderr, flush=True)
+            print(f"evotune: {name} after {self.requested}: exiting now, without a checkpoint", file=sys.stderr,
+                  flush=True)
             os._exit(130)
         if self.requested is None:
             self.requested = name
