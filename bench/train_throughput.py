@@ -1,14 +1,20 @@
-"""Training throughput: evotune packed + varlen vs packed without varlen vs plain transformers.
+"""Training throughput: evotune (default config) vs the best Hugging Face recipe vs plain transformers.
 
-    python bench/train_throughput.py        # CPU, tiny model, under 2 minutes on 2 cores
-    python bench/train_throughput.py --device cuda --model llama-1b --packed-length 16384 [--compile] [--profile]
+    python bench/train_throughput.py        # CPU, tiny model, about a minute on 2 cores
+    python bench/train_throughput.py --device cuda --model llama-1b --packed-length 16384 [--profile]
+    python bench/train_throughput.py --device cuda --model 7b-proxy --packed-length 32768 --paths d
+    bench/gpu_suite.sh                      # every path and shape, one table (docs/performance.md)
 
-Three ways to train the same documents, one optimizer step per pack:
+Four ways to train the same documents, one optimizer step per pack:
 
-(a) evotune: the pack's documents in one row; ``SupervisedFinetune`` with
-    varlen attention (``cu_seqlens``, max length and supervised-token indices
-    prepared by ``packed_collate`` on the host) and the chunked loss over the
-    supervised tokens only.
+(a) evotune as ``evotune train`` runs it: the pack's documents in one row,
+    ``SupervisedFinetune`` with varlen attention (``cu_seqlens``, max length and
+    supervised-token indices prepared by ``packed_collate`` on the host), the
+    chunked loss over the supervised tokens only, ``parallelize`` (fused
+    kernels, activation checkpointing and compilation as the settings say,
+    then FSDP2 with bf16 mixed precision on a one-process group) and the
+    loop's own ``_train_step``. With ``--ac``, ``--compile`` and ``--kernels``
+    all 'auto' (the defaults) the row is the **default** config.
 (b) the same with ``use_varlen_attn=False``: plain causal attention over the
     whole row (documents see each other, positions 0..P-1).
 (c) plain transformers: one document per row, padded to the longest of its
@@ -17,19 +23,35 @@ Three ways to train the same documents, one optimizer step per pack:
     are taken in order into micro-batches of at most ``packed_length`` padded
     tokens (the memory budget of one pack) and accumulated into one optimizer
     step with ``num_items_in_batch`` = the step's supervised tokens (as the HF
-    Trainer does), so (c) optimises exactly (a)'s objective: their losses agree.
+    Trainer does), so (c) optimises exactly (a)'s objective.
+(d) the best Hugging Face recipe, as TRL recommends it (``padding_free=True``,
+    ``use_liger_kernel=True``): the pack's documents concatenated in one row
+    with ``position_ids`` restarting per document, no attention mask, the
+    first flash attention transformers can use for that (flash_attention_4,
+    _3, _2; where none is installed, evotune's registered varlen function, the
+    same kernels, so that the rows stay correct), Liger's kernels incl. its
+    fused linear cross-entropy applied the way TRL does when liger-kernel is
+    installed (it patches transformers' Llama module, so with Liger (d) runs
+    alone: ``--paths d``), autocast bf16 over fp32 weights as the HF Trainer's
+    ``bf16=True``.
 
-Same model (same seed and initialisation), same optimizer (AdamW, fused kernel
-where one exists), same precision, same activation checkpointing, gradient
-clipping at 1.0; ``--compile`` compiles the decoder layers of (a) and (b) only,
-(c) stays plain transformers.
+(a), (c) and (d) train the same objective: their losses are compared step by
+step (``loss check``: largest relative difference, within 2e-5 in fp32 and
+3e-2 in bf16, where (a)'s bf16 weights and (c)/(d)'s fp32 weights under
+autocast round differently). Same model (same seed and initialisation), same
+optimizer (AdamW, fused kernel where one exists), gradient clipping at 1.0.
+(c) and (d) use transformers' checkpointing switch (``--hf-ac``; by default
+off when (a)'s 'auto' chose no checkpointing, else full).
 
-Data: log-normal document lengths (median 600 x s, sigma 1, at most
-``packed_length``) with s = packed_length / 16384, so a 16k run has median ~600
-and a tail to 16k, and the 1024-token CPU run the same shape scaled by 1/16;
-the first 30% of each document is prompt (no loss). Documents are cut at pack
-boundaries as InternEvo packs them, and the pieces are the documents of all
-three paths: identical real tokens and identical model FLOPs.
+Shapes: ``tiny`` (CPU), ``llama-1b`` (TinyLlama's widths) and ``7b-proxy``
+(InternLM2-7B's widths: hidden 4096, 32 heads / 8 kv heads, FFN 14336, vocab
+92,544; ``--layers``, by default as many as fit the GPU, see ``fit_layers``).
+Data: log-normal document lengths (median ``--doc-median``, 600 tokens by
+default, a realistic SFT median, and 600 x packed_length / 16384 below 4096
+tokens so that the small CPU runs keep the same shape; sigma 1, at most
+``packed_length``), the first 30% of each document prompt (no loss), cut at
+pack boundaries as InternEvo packs them; the pieces are the documents of all
+paths: identical real tokens and identical model FLOPs.
 
 Measured: warm-up steps excluded; per-step time from CUDA events recorded
 between steps (no synchronisation between steps), or on CPU the process's CPU
@@ -39,31 +61,35 @@ people's load; ``--cpu-clock wall`` for the wall clock);
 real tokens/s = the step's real tokens / its time, median over steps; MFU =
 model FLOPs on the real document lengths (``evotune.train.metrics.model_flops``)
 / step time / peak; peak memory over model build and all steps (see
-``bench/peak_memory.py``); on CUDA also the host synchronisations of one step
-(``torch.cuda.set_sync_debug_mode``). Batches are collated and pinned before
-timing (what a prefetching loader gives) and copied with ``non_blocking=True``
-inside the step. Not a test: run it by hand and record the output in
-docs/performance.md.
+``bench/peak_memory.py``); host synchronisations of one step
+(:func:`count_host_syncs`). Batches are collated and pinned before timing
+(what a prefetching loader gives) and copied with ``non_blocking=True``
+inside the step. ``--json PATH`` writes every number. Not a test: run it by
+hand and record the output in docs/performance.md.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import gc
+import json
 import os
 import platform
 import shlex
+import socket
 import statistics
 import subprocess
 import sys
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -71,11 +97,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from peak_memory import PeakMemory  # noqa: E402
 
-from evotune.data.collate import model_inputs, packed_collate  # noqa: E402
-from evotune.model.checkpointing import AC_MODES, set_activation_checkpointing  # noqa: E402
-from evotune.model.compile import compile_decoder_layers  # noqa: E402
+from evotune.data.collate import packed_collate  # noqa: E402
+from evotune.model import attention, kernels  # noqa: E402
+from evotune.model.checkpointing import AC_MODES, AUTO, set_activation_checkpointing  # noqa: E402
 from evotune.model.finetune import SupervisedFinetune  # noqa: E402
+from evotune.parallel import fsdp  # noqa: E402
+from evotune.parallel.env import DistEnv  # noqa: E402
+from evotune.parallel.mesh import build_mesh  # noqa: E402
 from evotune.train import metrics as M  # noqa: E402
+from evotune.train.loop import _train_step  # noqa: E402
 from evotune.train.optim import build_optimizer  # noqa: E402
 
 MODELS = {
@@ -84,7 +114,11 @@ MODELS = {
     # TinyLlama-1.1B's shape, random initialisation
     "llama-1b": dict(hidden_size=2048, num_hidden_layers=22, num_attention_heads=32, num_key_value_heads=4,
                      intermediate_size=5632, vocab_size=32000),
+    # InternLM2-7B's widths; the number of layers is --layers or fit_layers()
+    "7b-proxy": dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+                     intermediate_size=14336, vocab_size=92544),
 }
+SAME_LOSS_RTOL = {torch.float32: 2e-5, torch.bfloat16: 3e-2}
 PAD_ID = 0
 
 
@@ -96,14 +130,19 @@ class Doc:
     target: np.ndarray  # bool: token i is predicted (from token i-1) and trained on
 
 
-def make_packs(n_packs: int, packed_length: int, vocab: int, seed: int, median: float = 600.0,
+def default_doc_median(packed_length: int) -> float:
+    """600 tokens (a realistic SFT median); scaled down with the pack below 4096 tokens (CPU runs)."""
+    return 600.0 if packed_length >= 4096 else 600.0 * packed_length / 16384
+
+
+def make_packs(n_packs: int, packed_length: int, vocab: int, seed: int, median: float | None = None,
                sigma: float = 1.0, prompt_fraction: float = 0.3) -> list[list[Doc]]:
     """Documents of log-normal length, cut at pack boundaries into ``n_packs`` full packs."""
     rng = np.random.default_rng(seed)
-    scale = packed_length / 16384
+    median = median or default_doc_median(packed_length)
     packs, current, room = [], [], packed_length
     while len(packs) < n_packs:
-        n = int(np.clip(round(rng.lognormal(np.log(median * scale), sigma)), 2, packed_length))
+        n = int(np.clip(round(rng.lognormal(np.log(median), sigma)), 2, packed_length))
         ids = rng.integers(3, vocab, n)
         target = np.arange(n) >= max(1, int(prompt_fraction * n))
         while len(ids) and len(packs) < n_packs:
@@ -167,14 +206,43 @@ def padded_micro_batches(docs: list[Doc], budget: int, pin: bool) -> list[dict]:
     return out
 
 
+def padding_free_batch(docs: list[Doc], pin: bool) -> dict:
+    """(d): TRL's padding-free row: documents concatenated, ``position_ids`` restarting per document,
+    labels = the tokens trained on (-100 on prompts and on each piece's first token, also where a
+    document continues from the previous pack, so transformers' shift never predicts across documents), ``num_items_in_batch`` = supervised tokens."""
+    ids = np.concatenate([d.ids for d in docs])
+    labels = np.concatenate([np.where(d.target & (np.arange(len(d.ids)) > 0), d.ids, -100) for d in docs])
+    batch = {"input_ids": torch.from_numpy(ids).unsqueeze(0),
+             "position_ids": torch.from_numpy(np.concatenate([np.arange(len(d.ids)) for d in docs])).unsqueeze(0),
+             "labels": torch.from_numpy(labels).unsqueeze(0)}
+    if pin:
+        batch = {k: v.pin_memory() for k, v in batch.items()}
+    batch["num_items_in_batch"] = int((labels != -100).sum())
+    return batch
+
+
 # ----------------------------------------------------------------------------- models and steps
 
-def llama_config(name: str, packed_length: int):
+def llama_config(name: str, packed_length: int, layers: int | None = None):
     from transformers import LlamaConfig
 
-    return LlamaConfig(**MODELS[name], max_position_embeddings=max(packed_length, 2048), rms_norm_eps=1e-5,
+    shape = dict(MODELS[name])
+    if layers:
+        shape["num_hidden_layers"] = layers
+    return LlamaConfig(**shape, max_position_embeddings=max(packed_length, 2048), rms_norm_eps=1e-5,
                        tie_word_embeddings=False, use_cache=False, pad_token_id=PAD_ID, bos_token_id=1,
                        eos_token_id=2)
+
+
+def fit_layers(name: str, free_bytes: int, fraction: float = 0.55) -> int:
+    """Decoder layers whose weights, gradients, AdamW state and bf16 copy (18 bytes per parameter)
+    together with the embedding and head fit in ``fraction`` of ``free_bytes``; the rest is left for
+    activations (about 25 GB for 8 layers x 32k tokens of the 7B widths with selective checkpointing)."""
+    cfg = MODELS[name]
+    h, kv = cfg["hidden_size"], cfg["num_key_value_heads"] * cfg["hidden_size"] // cfg["num_attention_heads"]
+    per_layer = 2 * h * h + 2 * h * kv + 3 * h * cfg["intermediate_size"]
+    outer = 2 * cfg["vocab_size"] * h
+    return max(1, int((fraction * free_bytes - 18 * outer) // (18 * per_layer)))
 
 
 def new_llm(config, device: torch.device, seed: int, layers: int | None = None):
@@ -194,10 +262,11 @@ def new_llm(config, device: torch.device, seed: int, layers: int | None = None):
 @dataclass
 class StepContext:
     device: torch.device
-    dtype: torch.dtype  # autocast dtype; float32: no autocast
+    dtype: torch.dtype  # (c)/(d): autocast dtype (float32: none); (a)/(b): FSDP's compute dtype
     params: list
     optimizer: torch.optim.Optimizer
     max_norm: float = 1.0
+    pmesh: object = None  # (a)/(b): the one-process mesh
 
     def autocast(self):
         return torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32)
@@ -209,13 +278,14 @@ class StepContext:
 
 
 def packed_step(model, ctx: StepContext, batch: dict) -> torch.Tensor:
-    """(a)/(b): one row, one forward/backward, one optimizer step; no host-device synchronisation."""
-    inputs = model_inputs(batch, ctx.device)
-    with ctx.autocast():
-        loss = model(**inputs)
-    loss.backward()
-    ctx.finish()
-    return loss.detach()
+    """(a)/(b): the training loop's own step (``_train_step``: one micro-batch, loss 'pack'), then
+    the loop's gradient clipping over the sharded gradients and the optimizer step."""
+    env = DistEnv(rank=0, world_size=1, local_rank=0, device=ctx.device)
+    loss = _train_step(model, [batch], env, ctx.pmesh, fsdp.REPLICATE, 1, "pack")[0]
+    fsdp.clip_grad_norm_(model.parameters(), ctx.max_norm)
+    ctx.optimizer.step()
+    ctx.optimizer.zero_grad(set_to_none=True)
+    return loss
 
 
 def padded_step(llm, ctx: StepContext, micro_batches: list[dict]) -> torch.Tensor:
@@ -234,18 +304,88 @@ def padded_step(llm, ctx: StepContext, micro_batches: list[dict]) -> torch.Tenso
     return total
 
 
+def padding_free_step(llm, ctx: StepContext, batch: dict) -> torch.Tensor:
+    """(d): one padding-free row through transformers (its loss; Liger's fused linear CE when applied)."""
+    with ctx.autocast():
+        out = llm(**{k: batch[k].to(ctx.device, non_blocking=True) for k in ("input_ids", "position_ids", "labels")},
+                  num_items_in_batch=batch["num_items_in_batch"], use_cache=False)
+    out.loss.backward()
+    loss = out.loss.detach()
+    del out
+    ctx.finish()
+    return loss
+
+
+HF_FLASH = ("flash_attention_4", "flash_attention_3", "flash_attention_2")
+
+
+def hf_padding_free_attention(llm) -> str:
+    """The first flash attention transformers accepts here (padding-free rows need one), else
+    evotune's registered varlen function (the same position-reset semantics and kernels)."""
+    for name in HF_FLASH:
+        try:
+            llm.set_attn_implementation(name)
+            return name
+        except (ImportError, ValueError):
+            continue
+    name = attention.register()
+    llm.set_attn_implementation(name)
+    return name
+
+
+def apply_hf_liger(llm) -> bool:
+    """Liger-Kernel the way TRL's ``use_liger_kernel=True`` applies it (RoPE, RMSNorm, SwiGLU, fused
+    linear cross-entropy); False where liger-kernel or CUDA is missing."""
+    if not kernels.liger_available(next(llm.parameters()).device):
+        return False
+    from liger_kernel.transformers import apply_liger_kernel_to_llama
+
+    apply_liger_kernel_to_llama(rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
+                                fused_linear_cross_entropy=True, model=llm)
+    return True
+
+
 # ----------------------------------------------------------------------------- measurement
 
-def count_host_syncs(fn) -> int:
-    """Synchronising CUDA calls made by ``fn()`` (``torch.cuda.set_sync_debug_mode('warn')``)."""
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        torch.cuda.set_sync_debug_mode("warn")
-        try:
-            fn()
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-    return sum("synchroniz" in str(w.message) for w in caught)
+_HOST_READS = ("item", "tolist", "__float__", "__int__", "__bool__")
+
+
+def count_host_syncs(fn, device: torch.device) -> int:
+    """Host synchronisations made by ``fn()``.
+
+    CUDA: the synchronising calls ``torch.cuda.set_sync_debug_mode('warn')``
+    reports (``.item()``, ``.tolist()``, blocking copies, ``nonzero``, ...).
+    CPU (no device to wait for): the reads of a tensor's value on the host
+    (``item``, ``tolist``, ``float()``, ``int()``, ``bool()``, counted by
+    patching ``torch.Tensor``), each of which would be a synchronisation on a
+    GPU.
+    """
+    if device.type == "cuda":
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                fn()
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        return sum("synchroniz" in str(w.message) for w in caught)
+    count = [0]
+    originals = {name: getattr(torch.Tensor, name) for name in _HOST_READS}
+
+    def counting(original):
+        def read(self, *args, **kwargs):
+            count[0] += 1
+            return original(self, *args, **kwargs)
+        return read
+
+    try:
+        for name, original in originals.items():
+            setattr(torch.Tensor, name, counting(original))
+        fn()
+    finally:
+        for name, original in originals.items():
+            setattr(torch.Tensor, name, original)
+    return count[0]
 
 
 def time_steps(step, batches: list, device: torch.device, clock=time.perf_counter) -> list[float]:
@@ -265,15 +405,16 @@ def time_steps(step, batches: list, device: torch.device, clock=time.perf_counte
     return times
 
 
-def run_path(name: str, args, device, batches, step_fn, make_model) -> dict:
+def run_path(path, args, device, batches) -> dict:
     """Build the model, warm up, time the steps; everything inside one peak-memory window."""
     warm, timed = batches[:args.warmup], batches[args.warmup:]
+    step_fn = path.step
     with PeakMemory(device) as pm:
-        model = make_model()
+        model, ctx = path.build(), None
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = build_optimizer({"type": torch.optim.AdamW, "lr": 1e-4, "betas": (0.9, 0.95),
                                      "weight_decay": 0.01}, params, device)
-        ctx = StepContext(device, args.dtype, params, optimizer)
+        ctx = StepContext(device, args.dtype, params, optimizer, pmesh=path.pmesh)
         losses = []
         t0 = time.perf_counter()
         for b in warm:
@@ -283,12 +424,14 @@ def run_path(name: str, args, device, batches, step_fn, make_model) -> dict:
         warmup_s = time.perf_counter() - t0
         clock = time.process_time if args.cpu_clock == "process" else time.perf_counter
         times = time_steps(lambda b: losses.append(step_fn(model, ctx, b)), timed, device, clock)
-    result = {"name": name, "times": times, "losses": [float(x) for x in losses], "peak": pm.peak_bytes,
-              "memory_method": pm.method, "warmup_s": warmup_s, "syncs": None, "fused": optimizer.defaults.get("fused")}
-    if device.type == "cuda" and args.check_sync:
-        result["syncs"] = count_host_syncs(lambda: step_fn(model, ctx, timed[-1]))
-        torch.cuda.synchronize(device)
-    if args.profile and name.startswith("(a)"):
+    result = {"name": path.name, "key": path.key, "times": times, "losses": [float(x) for x in losses],
+              "peak": pm.peak_bytes, "memory_method": pm.method, "warmup_s": warmup_s, "syncs": None,
+              "fused": optimizer.defaults.get("fused"), "notes": list(path.notes)}
+    if args.check_sync:
+        result["syncs"] = count_host_syncs(lambda: step_fn(model, ctx, timed[-1]), device)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    if args.profile and path.key == "a":
         profile(lambda: [step_fn(model, ctx, b) for b in timed[-2:]], device)
     del model, optimizer, ctx, params
     gc.collect()
@@ -297,7 +440,7 @@ def run_path(name: str, args, device, batches, step_fn, make_model) -> dict:
     return result
 
 
-def prewarm(device, dtype, paths: list[tuple], seed: int) -> float:
+def prewarm(device, dtype, paths: list, batches: dict, seed: int) -> float:
     """One step of each path with a one-layer model, before anything is measured.
 
     Libraries initialise lazily (oneDNN/cuBLAS handles and workspaces, kernel
@@ -306,11 +449,11 @@ def prewarm(device, dtype, paths: list[tuple], seed: int) -> float:
     warm-up time and peak memory.
     """
     t0 = time.perf_counter()
-    for make_model, step_fn, batch in paths:
-        model = make_model(layers=1)
+    for path in paths:
+        model = path.build(layers=1, log=None)
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = build_optimizer({"type": torch.optim.AdamW, "lr": 1e-4}, params, device)
-        step_fn(model, StepContext(device, dtype, params, optimizer), batch)
+        path.step(model, StepContext(device, dtype, params, optimizer, pmesh=path.pmesh), batches[path.key][0])
         del model, optimizer, params
     gc.collect()
     if device.type == "cuda":
@@ -357,26 +500,128 @@ def commit() -> str:
         return "unknown"
 
 
+
+# ----------------------------------------------------------------------------- paths
+
+
+@dataclass
+class BenchPath:
+    key: str  # a, b, c, d
+    name: str
+    build: object  # build(layers=None, log=print) -> model
+    step: object
+    pmesh: object = None
+    notes: list = field(default_factory=list)  # what the path chose ('auto' decisions, attention, Liger)
+
+
+@contextlib.contextmanager
+def one_process_group(device: torch.device):
+    """A process group of one (nccl on CUDA, gloo on the CPU), as ``evotune train`` has on one GPU, so
+    that (a)/(b) run under FSDP2 and its mixed precision; removed again afterwards."""
+    created = not dist.is_initialized()
+    if created:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method=f"tcp://127.0.0.1:{port}",
+                                rank=0, world_size=1, device_id=device if device.type == "cuda" else None)
+    try:
+        yield build_mesh(DistEnv(rank=0, world_size=1, local_rank=0, device=device))
+    finally:
+        if created:
+            dist.destroy_process_group()
+
+
+def evotune_path(key: str, args, config, device, pmesh) -> BenchPath:
+    varlen = key == "a"
+    default = args.ac == AUTO and args.compile == AUTO and args.kernels == AUTO and args.attn_kernel is None
+    if varlen:
+        name = "(a) evotune default" if default else (
+            f"(a) evotune packed + varlen (ac {args.ac}, compile {args.compile}, kernels {args.kernels}"
+            f"{', attention ' + args.attn_kernel if args.attn_kernel else ''})")
+    else:
+        name = "(b) evotune packed, no varlen"
+    path = BenchPath(key, name, None, packed_step, pmesh)
+
+    def build(layers=None, log=print):
+        compile_setting = {"backend": args.compile_backend} if args.compile == "on" and args.compile_backend \
+            else {"auto": AUTO, "on": True, "off": False}[args.compile]
+        model = SupervisedFinetune(new_llm(config, device, args.seed, layers), use_varlen_attn=varlen,
+                                   activation_checkpointing=args.ac, torch_compile=compile_setting,
+                                   fused_kernels=args.kernels)
+
+        def note(line):
+            path.notes.append(line.removeprefix("evotune: "))
+            print(f"# {key}: {line.removeprefix('evotune: ')}")
+
+        fsdp.parallelize(model, pmesh, fsdp.REPLICATE, device, args.dtype, tokens=args.packed_length,
+                         log=note if log else None)
+        if log and varlen and device.type == "cuda":
+            note(f"varlen attention kernel: {attention.varlen_kernel(device)}")
+        return model.train()
+
+    path.build = build
+    return path
+
+
+def hf_path(key: str, args, config, device, hf_ac) -> BenchPath:
+    if key == "c":
+        path = BenchPath("c", "(c) transformers, padded rows", None, padded_step)
+    else:
+        path = BenchPath("d", "(d) HF best recipe (TRL padding-free + Liger)", None, padding_free_step)
+
+    def build(layers=None, log=print):
+        llm = new_llm(config, device, args.seed, layers)
+        mode = hf_ac()
+        if key == "c":
+            llm.set_attn_implementation("sdpa")
+            chosen = ["attention sdpa"]
+        else:
+            chosen = [f"attention {hf_padding_free_attention(llm)}",
+                      "Liger (RoPE, RMSNorm, SwiGLU, fused linear CE)" if apply_hf_liger(llm) else
+                      "no Liger (liger-kernel not installed or no CUDA)"]
+        set_activation_checkpointing(llm, mode)
+        if log:
+            path.notes[:] = chosen + [f"checkpointing {mode}"]
+            print(f"# {key}: " + ", ".join(path.notes))
+        return llm.train()
+
+    path.build = build
+    return path
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     """Command-line options, with the per-device defaults filled in."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--device", default="cpu")
     p.add_argument("--model", choices=sorted(MODELS), default=None, help="default: tiny on CPU, llama-1b on CUDA")
+    p.add_argument("--layers", type=int, default=None,
+                   help="decoder layers (default: the model's; 7b-proxy on CUDA: as many as fit, fit_layers)")
     p.add_argument("--packed-length", type=int, default=None, help="default: 1024 on CPU, 16384 on CUDA")
+    p.add_argument("--doc-median", type=float, default=None,
+                   help="median document length (default 600; scaled with the pack below 4096 tokens)")
     p.add_argument("--steps", type=int, default=None, help="timed steps per path (default 10)")
-    p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default: 2, 3 with --compile)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default: 2, 3 when compiling)")
     p.add_argument("--dtype", choices=("bfloat16", "float32"), default=None,
-                   help="bfloat16: autocast with fp32 master weights (default on CUDA); float32 (default on CPU)")
-    p.add_argument("--ac", choices=AC_MODES, default=None,
-                   help="activation checkpointing (default: selective on CUDA, none on CPU)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the decoder layers of (a) and (b)")
-    p.add_argument("--paths", default="abc", help="which of a, b, c to run")
+                   help="compute dtype: bfloat16 (default on CUDA: FSDP2 mixed precision for (a)/(b), autocast "
+                        "for (c)/(d), fp32 master weights everywhere); float32 (default on CPU)")
+    p.add_argument("--ac", choices=AC_MODES + (AUTO,), default=AUTO, help="(a)/(b) activation checkpointing")
+    p.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
+                   help="(a)/(b) torch.compile of the decoder layers ('auto': on CUDA with bf16)")
+    p.add_argument("--compile-backend", default=None, help="torch.compile backend for --compile on (e.g. aot_eager)")
+    p.add_argument("--kernels", choices=kernels.FUSED_KERNELS, default=AUTO, help="(a)/(b) fused kernels")
+    p.add_argument("--attn-kernel", choices=attention.VARLEN_KERNELS, default=None,
+                   help="(a) CUDA varlen kernel (default: the first available)")
+    p.add_argument("--hf-ac", choices=("full", "none"), default=None,
+                   help="(c)/(d) checkpointing (default: none when (a)'s 'auto' chose none, else full)")
+    p.add_argument("--paths", default="abcd", help="which of a, b, c, d to run")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: 1 on CPU)")
     p.add_argument("--cpu-clock", choices=("process", "wall"), default="process",
                    help="CPU step time: process CPU time (default) or wall clock")
     p.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU (default: by CUDA name)")
     p.add_argument("--no-check-sync", dest="check_sync", action="store_false")
     p.add_argument("--profile", action="store_true", help="print a torch.profiler table of two steps of (a)")
+    p.add_argument("--json", default=None, help="write the results to this file")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
 
@@ -385,15 +630,32 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.model = args.model or ("llama-1b" if cuda else "tiny")
     args.packed_length = args.packed_length or (16384 if cuda else 1024)
     args.steps = args.steps or 10
-    args.warmup = args.warmup if args.warmup is not None else (3 if args.compile else 2)
+    compiles = args.compile == "on" or (args.compile == "auto" and cuda and args.dtype != "float32")
+    args.warmup = args.warmup if args.warmup is not None else (3 if compiles else 2)
     args.dtype = getattr(torch, args.dtype or ("bfloat16" if cuda else "float32"))
-    args.ac = args.ac or ("selective" if cuda else "none")
     args.threads = args.threads or (None if cuda else 1)
+    if args.model == "7b-proxy" and args.layers is None:
+        args.layers = fit_layers(args.model, torch.cuda.mem_get_info(device)[0]) if cuda else 2
     return args
 
 
+def loss_check(results: list[dict], dtype: torch.dtype) -> str:
+    """(a), (c), (d) train the same objective: their step losses agree (largest relative difference)."""
+    by = {r["key"]: r for r in results}
+    same = [k for k in "acd" if k in by]
+    if len(same) < 2:
+        return "n/a (fewer than two of a, c, d)"
+    ref = np.array(by[same[0]]["losses"])
+    worst = max(float(np.max(np.abs(np.array(by[k]["losses"]) - ref) / np.abs(ref))) for k in same[1:])
+    ok = worst <= SAME_LOSS_RTOL[dtype]
+    for k in same:
+        by[k]["loss_check"] = "ok" if ok else "DIFFERENT"
+    return (f"{'ok' if ok else 'DIFFERENT'}: {'/'.join(same)} losses agree to {worst:.1e} relative at every step "
+            f"(tolerance {SAME_LOSS_RTOL[dtype]:g})")
+
+
 def run(args: argparse.Namespace) -> list[dict]:
-    """Train the three paths, print the table; returns one result dict per path."""
+    """Train the paths, print the table; returns one result dict per path."""
     device = torch.device(args.device)
     cuda = device.type == "cuda"
     if args.threads:
@@ -401,10 +663,14 @@ def run(args: argparse.Namespace) -> list[dict]:
     if cuda:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+    if "d" in args.paths and len(args.paths) > 1 and kernels.liger_available(device):
+        raise SystemExit("with liger-kernel installed (d) patches transformers' Llama module as TRL does: "
+                         "run it on its own (--paths d), as bench/gpu_suite.sh does")
+    attention.use_varlen_kernel(args.attn_kernel)
 
-    config = llama_config(args.model, args.packed_length)
+    config = llama_config(args.model, args.packed_length, args.layers)
     n_steps = args.warmup + args.steps
-    packs = make_packs(n_steps, args.packed_length, config.vocab_size, args.seed)
+    packs = make_packs(n_steps, args.packed_length, config.vocab_size, args.seed, args.doc_median)
     doc_lengths = [[len(d.ids) for d in pack] for pack in packs]
     real_tokens = [sum(lengths) for lengths in doc_lengths]
     probe = new_llm(config, torch.device("meta"), args.seed)
@@ -413,11 +679,13 @@ def run(args: argparse.Namespace) -> list[dict]:
     del probe
     flops = [M.model_flops(n_matmul, n_layers, attn_dim, lengths) for lengths in doc_lengths]
     peak = args.peak_tflops or M.peak_tflops(device)
+    shape = f"{args.model} x{config.num_hidden_layers} @ {args.packed_length // 1024}k" \
+        if args.packed_length >= 1024 else f"{args.model} x{config.num_hidden_layers} @ {args.packed_length}"
 
-    print(f"# train throughput: {args.model} ({n_matmul / 1e6:.1f}M matmul params), packed length "
-          f"{args.packed_length}, {args.warmup} warm-up + {args.steps} timed steps per path, "
-          f"{'bf16 autocast (fp32 master weights)' if args.dtype == torch.bfloat16 else 'fp32'}, AC {args.ac}"
-          f"{', compiled layers in (a)/(b)' if args.compile else ''}")
+    print(f"# train throughput: {shape} ({n_matmul / 1e6:.1f}M matmul params), {args.warmup} warm-up + "
+          f"{args.steps} timed steps per path, "
+          f"{'bf16 compute, fp32 master weights' if args.dtype == torch.bfloat16 else 'fp32'}; (a)/(b): ac "
+          f"{args.ac}, compile {args.compile}, kernels {args.kernels}")
     all_lengths = np.concatenate([np.array(x) for x in doc_lengths])
     print(f"# data: {len(all_lengths)} documents, length median {np.median(all_lengths):.0f}, "
           f"mean {all_lengths.mean():.0f}, max {all_lengths.max()}")
@@ -425,71 +693,81 @@ def run(args: argparse.Namespace) -> list[dict]:
           f"load average {os.getloadavg()[0]:.1f}")
     if not cuda:
         print(f"# step time: {'process CPU time' if args.cpu_clock == 'process' else 'wall clock'}")
-    print(f"# command: python {shlex.join([os.path.relpath(sys.argv[0], REPO)] + sys.argv[1:])}")
+    command = f"python {shlex.join([os.path.relpath(sys.argv[0], REPO)] + sys.argv[1:])}"
+    print(f"# command: {command}")
 
-    batches = [packed_batch(pack, pin=cuda) for pack in packs]
-    micro = [padded_micro_batches(pack, args.packed_length, pin=cuda) for pack in packs]
+    packed = [packed_batch(pack, pin=cuda) for pack in packs]
+    batches = {"a": packed, "b": packed,
+               "c": [padded_micro_batches(pack, args.packed_length, pin=cuda) for pack in packs],
+               "d": [padding_free_batch(pack, pin=cuda) for pack in packs]}
+    padded = {"a": [args.packed_length] * n_steps, "b": [args.packed_length] * n_steps,
+              "c": [sum(mb["padded_tokens"] for mb in m) for m in batches["c"]], "d": real_tokens}
 
-    def make_evotune(varlen: bool):
-        def build(layers=None):
-            model = SupervisedFinetune(new_llm(config, device, args.seed, layers), use_varlen_attn=varlen,
-                                       activation_checkpointing=False)
-            set_activation_checkpointing(model.llm, args.ac)
-            if args.compile:
-                compile_decoder_layers(model.llm)
-            return model.train()
-        return build
-
-    def make_hf(layers=None):
-        llm = new_llm(config, device, args.seed, layers)
-        llm.set_attn_implementation("sdpa")
-        set_activation_checkpointing(llm, args.ac)
-        return llm.train()
-
-    paths = [
-        ("a", "(a) evotune packed + varlen", make_evotune(True), packed_step, batches,
-         [args.packed_length] * n_steps),
-        ("b", "(b) evotune packed, no varlen", make_evotune(False), packed_step, batches,
-         [args.packed_length] * n_steps),
-        ("c", "(c) transformers, padded rows", make_hf, padded_step, micro,
-         [sum(mb["padded_tokens"] for mb in m) for m in micro]),
-    ]
-    paths = [p for p in paths if p[0] in args.paths]
-    prewarm_s = prewarm(device, args.dtype, [(make, step, data[0]) for _, _, make, step, data, _ in paths], args.seed)
     results = []
-    for _, name, make, step, data, padded in paths:
-        results.append(run_path(name, args, device, data, step, make))
-        results[-1]["padded"] = padded
+    with one_process_group(device) as pmesh:
+        chosen = {}
+
+        def hf_ac():
+            if args.hf_ac:
+                return args.hf_ac
+            return "none" if chosen.get("a") == "none" else "full"
+
+        paths = {"a": lambda: evotune_path("a", args, config, device, pmesh),
+                 "b": lambda: evotune_path("b", args, config, device, pmesh),
+                 "c": lambda: hf_path("c", args, config, device, hf_ac),
+                 "d": lambda: hf_path("d", args, config, device, hf_ac)}
+        paths = [paths[k]() for k in "abcd" if k in args.paths]
+        prewarm_s = prewarm(device, args.dtype, paths, batches, args.seed)
+        for path in paths:
+            path.notes.clear()
+            results.append(run_path(path, args, device, batches[path.key]))
+            results[-1]["padded"] = padded[path.key]
+            ac_note = next((n for n in path.notes if n.startswith("activation_checkpointing='auto' -> '")), None)
+            if ac_note:
+                chosen[path.key] = ac_note.split("'")[3]
 
     timed = slice(args.warmup, n_steps)
+    check = loss_check(results, args.dtype)
     print()
-    print("| path | real tokens/s | padding | MFU | peak memory | host syncs/step | loss first / last |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
+    print("| path | shape | real tokens/s | padding | MFU | peak memory | host syncs/step | loss first / last | "
+          "loss check |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---|")
     for r in results:
         rates = [t / s for t, s in zip(real_tokens[timed], r["times"])]
         r["tps"] = statistics.median(rates)
-        mfu = "n/a" if not peak else f"{100 * statistics.median(f / s for f, s in zip(flops[timed], r['times'])) / (peak * 1e12):.1f}%"
-        pad = 1 - sum(real_tokens[timed]) / sum(r["padded"][timed])
+        r["mfu"] = None if not peak else statistics.median(f / s for f, s in zip(flops[timed], r["times"])) / (
+            peak * 1e12)
+        r["padding"] = 1 - sum(real_tokens[timed]) / sum(r["padded"][timed])
+        r["shape"] = shape
+        mfu = "n/a" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"
         mem = "n/a" if r["peak"] is None else f"{r['peak'] / 2**30:.2f} GiB"
         syncs = "n/a" if r["syncs"] is None else str(r["syncs"])
-        print(f"| {r['name']} | {r['tps']:,.0f} | {100 * pad:.1f}% | {mfu} | {mem} | {syncs} | "
-              f"{r['losses'][0]:.4f} / {r['losses'][-1]:.4f} |")
-    by = {r["name"][1]: r for r in results}
-    ratios = []
-    if "a" in by and "c" in by:
-        ratios.append(f"a/c = {by['a']['tps'] / by['c']['tps']:.2f}x")
-    if "a" in by and "b" in by:
-        ratios.append(f"a/b = {by['a']['tps'] / by['b']['tps']:.2f}x")
+        print(f"| {r['name']} | {shape} | {r['tps']:,.0f} | {100 * r['padding']:.1f}% | {mfu} | {mem} | {syncs} | "
+              f"{r['losses'][0]:.4f} / {r['losses'][-1]:.4f} | {r.get('loss_check', 'n/a')} |")
+    by = {r["key"]: r for r in results}
+    ratios = {f"{x}/{y}": by[x]["tps"] / by[y]["tps"] for x, y in (("a", "d"), ("a", "c"), ("a", "b"))
+              if x in by and y in by}
     print()
     if ratios:
-        print("ratios of median real tokens/s: " + ", ".join(ratios))
+        print("ratios of median real tokens/s: " + ", ".join(f"{k} = {v:.2f}x" for k, v in ratios.items()))
+    print(f"loss check: {check}")
     print(f"peak memory: {results[0]['memory_method']}; fused AdamW: {results[0]['fused']}; "
           f"pre-warm (1-layer models) {prewarm_s:.1f} s; warm-up s: "
-          + ", ".join(f"{r['name'][:3]} {r['warmup_s']:.1f}" for r in results))
+          + ", ".join(f"{r['key']} {r['warmup_s']:.1f}" for r in results))
+    print("host syncs/step: " + ("CUDA sync debug mode" if cuda else "host reads of tensor values (item, tolist, "
+                                 "float, int, bool), each a synchronisation on a GPU"))
     if peak is None:
         print("MFU: n/a (no known peak for this device; pass --peak-tflops)")
     else:
         print(f"MFU against {peak:g} TFLOP/s, model FLOPs on real document lengths")
+    if args.json:
+        out = {"machine": machine(device), "torch": torch.__version__, "commit": commit(), "command": command,
+               "shape": shape, "loss_check": check, "ratios": ratios, "peak_tflops": peak,
+               "rows": [{k: r.get(k) for k in ("key", "name", "shape", "tps", "mfu", "padding", "peak", "syncs",
+                                               "losses", "loss_check", "notes", "warmup_s", "times")}
+                        for r in results]}
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(out, indent=1))
     return results
 
 
