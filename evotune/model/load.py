@@ -8,7 +8,9 @@
   transformers, so it is loaded as transformers' native ``LlamaForCausalLM``
   with an exact weight and config mapping (:mod:`evotune.model.internlm2`);
 * an InternEvo checkpoint folder (``model_config.pt`` + ``model_tp{t}_pp{p}.pt``)
-  of any tensor/pipeline split (:mod:`evotune.checkpoint.internevo`).
+  of any tensor/pipeline split (:mod:`evotune.checkpoint.internevo`);
+* a Hugging Face hub id (``org/name``) of any of these: its snapshot in the
+  Hugging Face cache, downloaded when online (:mod:`evotune.model.hub`).
 
 The returned model carries a :class:`~evotune.checkpoint.source.ModelSource`
 (``model.evotune_source``: format, path, original config), so that
@@ -28,6 +30,7 @@ from evotune.checkpoint.hf import TOKENIZER_FILES
 from evotune.checkpoint.source import ModelSource, detect_format, read_config_json
 from evotune.dtypes import parse_dtype
 from evotune.errors import EvotuneError
+from evotune.model.hub import resolve
 from evotune.model.internlm2 import InternLM2Tokenizer, load_internevo, load_internlm2
 
 
@@ -59,7 +62,7 @@ def load_model(path, dtype=None, device=None) -> torch.nn.Module:
     'auto' keeps the checkpoint's dtype (its config's, else its weights').
     ``device``: where the parameters go (default CPU).
     """
-    p = Path(path)
+    p = Path(resolve(path))
     fmt = detect_format(p)
     torch_dtype = parse_dtype(dtype)
     if fmt == "internevo":
@@ -85,7 +88,7 @@ def load_tokenizer(path):
     :class:`evotune.model.internlm2.InternLM2Tokenizer`, which encodes exactly
     as the published InternLM2 tokenizer.
     """
-    p = Path(path)
+    p = Path(resolve(path, tokenizer_only=True))
     if p.is_file() and p.suffix == ".model":
         return InternLM2Tokenizer(vocab_file=str(p))
     if not p.is_dir():
