@@ -34,6 +34,7 @@ class TrainState:
     consumed_tokens: int = 0
     sampler: dict = field(default_factory=dict)
     skipped_steps: int = 0  # steps not applied: NaN/inf loss or gradient norm (evotune/train/nonfinite.py)
+    loss_scale: dict = field(default_factory=dict)  # float16 loss scaler state (evotune/train/loss_scale.py)
 
 
 @dataclass
@@ -83,7 +84,7 @@ class Checkpointer:
         start = time.perf_counter()
         loaded = dcp.load_checkpoint(path, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler)
         state = TrainState(loaded["step"], loaded["consumed_tokens"], loaded["sampler"],
-                           loaded.get("skipped_steps", 0))
+                           loaded.get("skipped_steps", 0), loaded.get("loss_scale", {}))
         self.saved_step = state.step
         self._rng = loaded["rng"]
         return Resumed(path, state, loaded.get("world_size"), time.perf_counter() - start, data_changed)
@@ -124,7 +125,7 @@ class Checkpointer:
                                f"finite one is {last[-1][1] if last else 'none'}); lower lr or check the data")
         start = time.perf_counter()
         train_state = {"step": state.step, "consumed_tokens": state.consumed_tokens, "sampler": state.sampler,
-                       "skipped_steps": state.skipped_steps, **self.meta}
+                       "skipped_steps": state.skipped_steps, "loss_scale": state.loss_scale, **self.meta}
         path = dcp.save_checkpoint(self.root, state.step, model=self.model, optimizer=self.optimizer,
                                    scheduler=self.scheduler, train_state=train_state, keep=self.keep,
                                    hf_config=self.hf_config)

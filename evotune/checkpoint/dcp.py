@@ -42,7 +42,8 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_state_dict, set_model_state_dict,
+                                                     set_state_dict)
 from torch.distributed.checkpoint.state_dict_loader import _load_state_dict_from_keys
 from torch.distributed.tensor import DTensor
 
@@ -241,6 +242,22 @@ def load_checkpoint(path: str, *, model, optimizer, scheduler) -> dict:
         rng_file = os.path.join(path, "rng", "rank_0.pt")
     state["rng"] = torch.load(rng_file, weights_only=True)
     return state
+
+
+def load_model_weights(path: str, model) -> None:
+    """Only the model weights of checkpoint ``path``, into ``model`` in place (resharding as needed):
+    ``load_from``, a run's initial weights; optimizer, schedule and step start fresh."""
+    if not is_checkpoint(path):
+        raise EvotuneError(f"load_from {path}: not an evotune checkpoint (checkpoints/step_N with .metadata and "
+                           f"{TRAINER_STATE}); a Hugging Face folder goes in pretrained_model_name_or_path")
+    loaded = {"model": get_model_state_dict(model)}
+    try:
+        with _single_process_quiet():
+            dcp.load(loaded, checkpoint_id=path, no_dist=not dist.is_initialized())
+    except (Exception, CheckpointException) as e:
+        reason = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+        raise EvotuneError(f"load_from {path}: does not fit this model ({reason})") from e
+    set_model_state_dict(model, loaded["model"])
 
 
 def _check_fits(path: str, state: dict) -> None:

@@ -61,6 +61,7 @@ from evotune.settings import ScheduleSettings, Settings
 from evotune.train import metrics as M
 from evotune.train import workdir
 from evotune.train.evaluate import SAMPLES_FILE, build_sample_evaluator
+from evotune.train.loss_scale import LossScaler
 from evotune.train.nonfinite import SkipBudget
 from evotune.train.optim import build_optimizer
 from evotune.train.preempt import Preempted, StopSignals
@@ -91,15 +92,30 @@ def total_steps(schedule: ScheduleSettings, steps_per_epoch: int) -> int:
 
 
 def compute_dtype(settings: Settings, device: torch.device) -> torch.dtype:
-    """bf16 on CUDA unless ``optim.dtype`` (the DeepSpeed JSON or ``optim_wrapper.dtype``) says fp32;
-    fp32 on the CPU."""
-    if device.type != "cuda":
-        return torch.float32
+    """bf16 on CUDA unless ``optim.dtype`` (the DeepSpeed JSON or ``optim_wrapper.dtype``) says fp32 or fp16;
+    fp32 on the CPU, unless fp16 is asked for (then autocast, so that fp16 runs can be tested on a CPU).
+    fp16 always comes with loss scaling (evotune/train/loss_scale.py)."""
     dtype = parse_dtype(settings.optim.dtype, torch.bfloat16, what="optim_wrapper.dtype")
-    if dtype == torch.float16:
-        raise EvotuneError("optim_wrapper.dtype='float16': fp16 training needs loss scaling, which evotune "
-                           "does not do; use 'bfloat16'")
+    if device.type != "cuda" and dtype != torch.float16:
+        return torch.float32
     return dtype
+
+
+def forward_context(dtype: torch.dtype, device: torch.device):
+    """float16 on the CPU computes under autocast (the weights stay fp32 there); CUDA casts through
+    FSDP2's mixed precision policy instead (evotune/parallel/fsdp.py)."""
+    if dtype == torch.float16 and device.type != "cuda":
+        return torch.autocast(device.type, dtype=torch.float16)
+    return contextlib.nullcontext()
+
+
+def set_determinism(runtime) -> None:
+    """``env_cfg.cudnn_benchmark`` and ``randomness.deterministic`` (mmengine's meaning)."""
+    torch.backends.cudnn.benchmark = runtime.cudnn_benchmark
+    if runtime.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.backends.cudnn.deterministic = True
+        torch.use_deterministic_algorithms(True)
 
 
 @dataclass
@@ -127,7 +143,7 @@ def _build_model(settings: Settings, dataset, pmesh: ParallelMesh, strategy, env
     dtype = compute_dtype(settings, env.device)
     flops = (M.matmul_params(llm), *M.attention_dim(llm))
     # checkpointing ('auto': sized for this micro-batch) and compilation (model/compile.decide) are applied here
-    model = parallelize(model, pmesh, strategy, env.device, dtype,
+    model = parallelize(model, pmesh, strategy, env.device, dtype if env.device.type == "cuda" else torch.float32,
                         tokens=dataset.packed_length * settings.data.batch_size // pmesh.sp_size,
                         log=print if env.is_main else None)
     model.train()
@@ -149,6 +165,7 @@ def train(settings: Settings, env: DistEnv) -> dict:
 
 def _train(s: Settings, env: DistEnv, stop: StopSignals) -> dict:
     seed_everything(s.runtime.seed)
+    set_determinism(s.runtime)
     work_dir = s.runtime.work_dir
     if env.is_main:
         workdir.remove_leftovers(work_dir)
@@ -177,8 +194,11 @@ def _train(s: Settings, env: DistEnv, stop: StopSignals) -> dict:
                   "continue from it, the new data is read from its start")
     elif resumed:
         sampler.load_state_dict(state.sampler)
-    elif env.is_main:
-        workdir.set_aside_run(work_dir)
+    else:
+        if env.is_main:
+            workdir.set_aside_run(work_dir)
+        if s.runtime.load_from:  # initial weights; optimizer, schedule and data start fresh
+            dcp.load_model_weights(s.runtime.load_from, m.module)
 
     loader = StepLoader(dataset, sampler, batch_size=s.data.batch_size, micro_num=s.optim.accumulative_counts,
                         num_workers=s.data.num_workers, pin_memory=env.device.type == "cuda",
@@ -195,7 +215,7 @@ def _train(s: Settings, env: DistEnv, stop: StopSignals) -> dict:
                                      print_fn=progress.print, device=env.device)
     validator = Validator(s.eval, s.data, pmesh, env.device) if s.eval.valid_folder else None
     type_loss = TypeLoss(dataset.type_names, env.device) if dataset.type_names else None
-    step_fn = _Stepper(s, m, optimizer, scheduler, env, pmesh, strategy, type_loss, stop)
+    step_fn = _Stepper(s, m, optimizer, scheduler, env, pmesh, strategy, type_loss, stop, state)
     skips = SkipBudget(s.optim.max_consecutive_skips, s.optim.max_skipped_fraction, n_steps, state.skipped_steps,
                        lr=s.optim.lr)
     _print_start(progress, s, env, pmesh, strategy, dataset, sampler, n_steps, m.compute_dtype, resumed)
@@ -219,9 +239,13 @@ def _train(s: Settings, env: DistEnv, stop: StopSignals) -> dict:
             if samples and samples.due(state.step, n_steps):
                 samples.run(m.module, state.step)
             if record["skipped"]:
+                overflow = (f", float16 overflow: loss scale now {step_fn.scaler.scale:g}"
+                            if record.get("overflow") else "")
                 progress.print(f"evotune: step {state.step}: loss {record['loss']:.4g}, grad_norm "
-                               f"{record['grad_norm']:.4g}: not applied ({state.skipped_steps} skipped in all)")
-            skips.step(state.step, not record["skipped"], checkpointer.latest)
+                               f"{record['grad_norm']:.4g}: not applied ({state.skipped_steps} skipped in all"
+                               f"{overflow})")
+            # a float16 overflow while the loss scale comes down is how dynamic scaling works, not divergence
+            skips.step(state.step, not record["skipped"] or record.get("overflow", False), checkpointer.latest)
             if not skips.streak:  # a checkpoint in a NaN streak would prune a good one for nothing
                 checkpointer.maybe_save(state)
             if step_fn.stop_agreed:
@@ -274,10 +298,14 @@ class _Stepper:
     """One optimizer step: the loader's next micro-batches, forward/backward, clip, step; the metrics record."""
 
     def __init__(self, s: Settings, m: _Model, optimizer, scheduler, env: DistEnv, pmesh: ParallelMesh, strategy,
-                 type_loss: TypeLoss | None, stop: StopSignals):
+                 type_loss: TypeLoss | None, stop: StopSignals, state: TrainState):
         self.s, self.m, self.optimizer, self.scheduler = s, m, optimizer, scheduler
         self.env, self.pmesh, self.strategy, self.type_loss = env, pmesh, strategy, type_loss
         self.peak = M.peak_tflops(env.device)
+        self.scaler = None
+        if m.compute_dtype == torch.float16:
+            self.scaler = LossScaler(**s.optim.loss_scale)
+            self.scaler.load_state_dict(state.loss_scale)  # a resumed run goes on with its scale
         self.stop = stop
         self.stop_agreed = False  # some rank got a stop signal: every rank stops after this step
 
@@ -286,9 +314,13 @@ class _Stepper:
         env, pmesh, model = self.env, self.pmesh, self.m.module
         t0 = time.perf_counter()
         step = next(loader)
-        step_loss, tokens, doc_lengths = _train_step(model, step.micro_batches, env, pmesh, self.strategy,
-                                                     self.s.optim.accumulative_counts, self.s.optim.loss_reduction,
-                                                     self.type_loss)
+        scale = self.scaler.scale if self.scaler else 1.0
+        step_loss, tokens, doc_lengths = _train_step(
+            model, step.micro_batches, env, pmesh, self.strategy, self.s.optim.accumulative_counts,
+            self.s.optim.loss_reduction, self.type_loss, scale,
+            functools.partial(forward_context, self.m.compute_dtype, env.device))
+        if self.scaler:
+            self.scaler.unscale_(model.parameters())
         grad_norm = clip_grad_norm_(model.parameters(), self.s.optim.max_norm)
         flops = M.model_flops(*self.m.flops, doc_lengths) / pmesh.sp_size  # a share per sp rank
         # the logging reduction, before the optimizer step: it also tells every rank whether the global
@@ -304,6 +336,11 @@ class _Stepper:
             self.optimizer.step()
             self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
+        overflow = False
+        if self.scaler:  # inf/NaN gradients of a finite loss: the scale was too high (unless already below 1)
+            overflow = skipped and math.isfinite(stats[0]) and scale > 1.0
+            self.scaler.update(skipped)
+            state.loss_scale = self.scaler.state_dict()
 
         elapsed = time.perf_counter() - t0
         state.step += 1
@@ -316,6 +353,8 @@ class _Stepper:
             "tokens": state.consumed_tokens, "tgs": stats[1] / env.world_size / elapsed,
             "data_time": step.data_time, "step_time": elapsed, "epoch": step.sampler_state.get("epoch"),
         }
+        if self.scaler:
+            record.update(loss_scale=scale, overflow=overflow)
         if self.peak:
             record["mfu"] = stats[2] / env.world_size / elapsed / (self.peak * 1e12)
         if self.type_loss:
@@ -324,8 +363,11 @@ class _Stepper:
 
 
 def _train_step(model, micro_batches: list[dict], env: DistEnv, pmesh: ParallelMesh, strategy, accum: int,
-                loss_reduction: str, type_loss: TypeLoss | None = None):
-    """Forward/backward over the step's micro-batches; returns (loss, tokens, doc lengths) of this rank."""
+                loss_reduction: str, type_loss: TypeLoss | None = None, grad_scale: float = 1.0,
+                forward=contextlib.nullcontext):
+    """Forward/backward over the step's micro-batches; returns (loss, tokens, doc lengths) of this rank.
+    ``grad_scale``: float16 loss scaling (the gradients come out multiplied by it; the loss returned is not);
+    ``forward()``: the context each forward runs in (:func:`forward_context`)."""
     if loss_reduction == "token":
         n_loss = torch.tensor(float(sum(mb["num_loss_tokens"] for mb in micro_batches)), dtype=torch.float64,
                               device=env.device)
@@ -338,13 +380,14 @@ def _train_step(model, micro_batches: list[dict], env: DistEnv, pmesh: ParallelM
     for i, mb in enumerate(micro_batches):
         set_micro_batch(model, strategy, last=i == len(micro_batches) - 1)
         inputs = model_inputs(mb, env.device, pmesh.sp_group)
-        if type_loss:
-            loss, group_sums = model(**inputs, **type_loss.model_inputs(mb))
-            type_loss.add(group_sums, mb)
-        else:
-            loss = model(**inputs)
-        loss = loss * scale
-        (loss * pmesh.sp_size).backward()
+        with forward():
+            if type_loss:
+                loss, group_sums = model(**inputs, **type_loss.model_inputs(mb))
+                type_loss.add(group_sums, mb)
+            else:
+                loss = model(**inputs)
+        loss = loss.float() * scale
+        (loss * (pmesh.sp_size * grad_scale)).backward()
         total += loss.detach()
         tokens += mb["num_tokens"]
         doc_lengths.extend(mb["doc_lengths"].tolist())
