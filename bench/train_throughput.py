@@ -568,7 +568,7 @@ def hf_path(key: str, args, config, device, hf_ac) -> BenchPath:
     if key == "c":
         path = BenchPath("c", "(c) transformers, padded rows", None, padded_step)
     else:
-        path = BenchPath("d", "(d) HF best recipe (TRL padding-free + Liger)", None, padding_free_step)
+        path = BenchPath("d", "(d) HF best recipe: padding-free", None, padding_free_step)
 
     def build(layers=None, log=print):
         llm = new_llm(config, device, args.seed, layers)
@@ -577,8 +577,9 @@ def hf_path(key: str, args, config, device, hf_ac) -> BenchPath:
             llm.set_attn_implementation("sdpa")
             chosen = ["attention sdpa"]
         else:
-            chosen = [f"attention {hf_padding_free_attention(llm)}",
-                      "Liger (RoPE, RMSNorm, SwiGLU, fused linear CE)" if apply_hf_liger(llm) else
+            attn, liger = hf_padding_free_attention(llm), apply_hf_liger(llm)
+            path.name = f"(d) HF best recipe: padding-free, {attn}{', Liger' if liger else ''}"
+            chosen = [f"attention {attn}", "Liger (RoPE, RMSNorm, SwiGLU, fused linear CE)" if liger else
                       "no Liger (liger-kernel not installed or no CUDA)"]
         set_activation_checkpointing(llm, mode)
         if log:
@@ -641,7 +642,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def loss_check(results: list[dict], dtype: torch.dtype) -> str:
     """(a), (c), (d) train the same objective: their step losses agree (largest relative difference)."""
-    by = {r["key"]: r for r in results}
+    by = {r["key"]: r for r in results if not r.get("error")}
     same = [k for k in "acd" if k in by]
     if len(same) < 2:
         return "n/a (fewer than two of a, c, d)"
@@ -720,7 +721,15 @@ def run(args: argparse.Namespace) -> list[dict]:
         prewarm_s = prewarm(device, args.dtype, paths, batches, args.seed)
         for path in paths:
             path.notes.clear()
-            results.append(run_path(path, args, device, batches[path.key]))
+            try:
+                results.append(run_path(path, args, device, batches[path.key]))
+            except torch.OutOfMemoryError:  # a row saying so; the other paths still run
+                gc.collect()
+                torch.cuda.empty_cache()
+                print(f"# {path.key}: out of memory")
+                results.append({"name": path.name, "key": path.key, "error": "out of memory", "losses": [],
+                                "notes": list(path.notes), "peak": None, "syncs": None, "times": [],
+                                "warmup_s": 0.0, "memory_method": "", "fused": None})
             results[-1]["padded"] = padded[path.key]
             ac_note = next((n for n in path.notes if n.startswith("activation_checkpointing='auto' -> '")), None)
             if ac_note:
@@ -733,18 +742,22 @@ def run(args: argparse.Namespace) -> list[dict]:
           "loss check |")
     print("|---|---|---:|---:|---:|---:|---:|---:|---|")
     for r in results:
+        r["shape"] = shape
+        if r.get("error"):
+            r["tps"] = r["mfu"] = None
+            print(f"| {r['name']} | {shape} | {r['error']} | | | | | | |")
+            continue
         rates = [t / s for t, s in zip(real_tokens[timed], r["times"])]
         r["tps"] = statistics.median(rates)
         r["mfu"] = None if not peak else statistics.median(f / s for f, s in zip(flops[timed], r["times"])) / (
             peak * 1e12)
         r["padding"] = 1 - sum(real_tokens[timed]) / sum(r["padded"][timed])
-        r["shape"] = shape
         mfu = "n/a" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"
         mem = "n/a" if r["peak"] is None else f"{r['peak'] / 2**30:.2f} GiB"
         syncs = "n/a" if r["syncs"] is None else str(r["syncs"])
         print(f"| {r['name']} | {shape} | {r['tps']:,.0f} | {100 * r['padding']:.1f}% | {mfu} | {mem} | {syncs} | "
               f"{r['losses'][0]:.4f} / {r['losses'][-1]:.4f} | {r.get('loss_check', 'n/a')} |")
-    by = {r["key"]: r for r in results}
+    by = {r["key"]: r for r in results if not r.get("error")}
     ratios = {f"{x}/{y}": by[x]["tps"] / by[y]["tps"] for x, y in (("a", "d"), ("a", "c"), ("a", "b"))
               if x in by and y in by}
     print()
@@ -762,9 +775,9 @@ def run(args: argparse.Namespace) -> list[dict]:
         print(f"MFU against {peak:g} TFLOP/s, model FLOPs on real document lengths")
     if args.json:
         out = {"machine": machine(device), "torch": torch.__version__, "commit": commit(), "command": command,
-               "shape": shape, "loss_check": check, "ratios": ratios, "peak_tflops": peak,
+               "shape": shape, "dtype": str(args.dtype).removeprefix("torch."), "loss_check": check, "ratios": ratios, "peak_tflops": peak,
                "rows": [{k: r.get(k) for k in ("key", "name", "shape", "tps", "mfu", "padding", "peak", "syncs",
-                                               "losses", "loss_check", "notes", "warmup_s", "times")}
+                                               "losses", "loss_check", "notes", "warmup_s", "times", "error")}
                         for r in results]}
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(out, indent=1))
