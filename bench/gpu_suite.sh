@@ -5,7 +5,7 @@
 #   bench/gpu_suite.sh --wheels .whl          # first: pip install --no-index --no-deps from that folder only
 #   bench/gpu_suite.sh --device cpu --quick   # the same runs on the CPU with the tiny model (checks the script)
 #
-# Installs nothing unless --wheels names a folder of wheels (liger-kernel, flash-attn, flash-attn-4 and their
+# (b) runs on llama-1b only. Installs nothing unless --wheels names a folder of wheels (liger-kernel, flash-attn, flash-attn-4 and their
 # dependencies, carried to a machine that cannot download); then only from that folder, into a temporary
 # target on PYTHONPATH. Each shape runs as two processes: paths a, b, c together (same process, same
 # pre-warm), and path d alone (with liger-kernel installed it patches transformers' Llama module as TRL
@@ -15,7 +15,7 @@
 # the processes of a shape) and the ratios a/d; writes gpu_suite.json and gpu_suite.log under $OUT when set.
 set -uo pipefail
 
-DEVICE=cuda QUICK=0 WHEELS="" PER_RUN=150 STEPS="" PY=${PYTHON:-python3}
+DEVICE=cuda QUICK=0 WHEELS="" PER_RUN=120 STEPS="" PY=${PYTHON:-python3}
 while [ $# -gt 0 ]; do
     case "$1" in
         --device) DEVICE=$2; shift 2 ;;
@@ -77,7 +77,9 @@ for shape in "${SHAPES[@]}"; do
     set -- $shape
     model=$1 length=$2 tag="$1-$(( $2 / 1024 ))k"
     [ "$QUICK" = 1 ] && tag="$1-$2"
-    run "$tag-abc" --model "$model" --packed-length "$length" --paths abc
+    paths=abc
+    [ "$model" = 7b-proxy ] && paths=ac  # (b), the no-varlen ablation, on llama-1b only: it keeps the call short
+    run "$tag-$paths" --model "$model" --packed-length "$length" --paths $paths
     run "$tag-d" --model "$model" --packed-length "$length" --paths d
     if [ "$model" = llama-1b ]; then
         for kernel in $KERNELS; do
