@@ -436,6 +436,32 @@ def walk_data_files(folder: str, file_type: str = ".bin") -> list[str]:
     return out
 
 
+def walk_listing_order(folder: str, file_type: str = ".bin") -> list[str]:
+    """Relative paths of the data files in the order InternEvo's and XTuner's own code reads them.
+
+    Both do ``list(os.walk(folder, followlinks=True))`` and only then
+    ``dirs.sort()`` for each entry: the walk is already done, so folders are
+    visited in the filesystem's listing order (``os.scandir``, top-down), and
+    only the files of each folder are ``sorted()``. That order depends on the
+    filesystem, so ``evotune data-order FOLDER --walk internevo`` writes it on the
+    machine of the original run for ``data_order_path``. (Their walk would follow
+    a link back to an enclosing folder until the path is too long; here such a
+    loop is not entered.)
+    """
+    out: list[str] = []
+    ancestors: dict[str, frozenset] = {}  # walked folder -> real paths of it and its parents (loops)
+    for root, dirs, files in os.walk(folder, followlinks=True):
+        real = os.path.realpath(root)
+        parent = ancestors.get(os.path.dirname(root), frozenset())
+        ancestors[root] = parent | {real}
+        dirs[:] = [d for d in dirs if d != CACHE_DIRNAME
+                   and os.path.realpath(os.path.join(root, d)) not in ancestors[root]]
+        rel = os.path.relpath(root, folder).replace(os.sep, "/")
+        prefix = "" if rel == "." else rel + "/"
+        out += [prefix + name for name in sorted(files) if name.endswith(file_type)]
+    return out
+
+
 def read_data_order(folder: str, data_order_path: str, file_type: str) -> list[str]:
     if not os.path.isfile(data_order_path):
         raise EvotuneError(f"data_order_path {data_order_path} does not exist; write one with "
@@ -542,13 +568,18 @@ def add_arguments_data_order(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("folder", help="InternEvo training folder")
     parser.add_argument("-o", "--output", help="order file to write (default: print)")
     parser.add_argument("--file-type", default=".bin", help="data file suffix (default .bin)")
+    parser.add_argument("--walk", choices=("sorted", "internevo"), default="sorted",
+                        help="sorted: folders and files in sorted order (evotune's default order); internevo: the "
+                             "order InternEvo's and XTuner's own walk gives on this filesystem (folders in listing "
+                             "order), to pin a run made with them (run it on that machine)")
 
 
 def main_data_order(args: argparse.Namespace) -> int:
-    """Write the sorted walk order, to pin it with ``data_order_path`` on any filesystem."""
+    """Write the walk order (sorted, or InternEvo's listing order), to pin it with ``data_order_path``."""
     if not os.path.isdir(args.folder):
         raise EvotuneError(f"folder {args.folder} does not exist")
-    paths = walk_data_files(args.folder, args.file_type)
+    walk = walk_listing_order if args.walk == "internevo" else walk_data_files
+    paths = walk(args.folder, args.file_type)
     if not paths:
         raise EvotuneError(f"folder {args.folder} has no '*{args.file_type}' file")
     text = "".join(p + "\n" for p in paths)

@@ -173,9 +173,12 @@ def source_of(dataset, split="train") -> Source:
                 raise EvotuneError(f"{where}: load_dataset argument {unknown[0]!r} is not read for local json data "
                                    "(evotune reads path, data_files and split)")
             if path in ("json", "jsonl"):
-                if "data_files" not in args:
-                    raise EvotuneError(f"{where}: load_dataset(path={path!r}) needs data_files")
-                return _files_source(_split_files(args["data_files"], split, where), where)
+                if "data_files" in args:
+                    return _files_source(_split_files(args["data_files"], split, where), where)
+                if args.get("data_dir") and os.path.isdir(args["data_dir"]):  # every json file under it
+                    return _files_source(_json_files(args["data_dir"]), f"{where} {args['data_dir']}")
+                raise EvotuneError(f"{where}: load_dataset(path={path!r}) needs data_files or data_dir "
+                                   f"(an existing folder), got {args.get('data_dir')!r}")
             if os.path.isfile(path):
                 return _files_source([path], where)
             if _is_saved_dataset(path):
@@ -280,12 +283,15 @@ class _Stats:
 
 
 def _cached(key_parts: dict, write: Callable[[str], _Stats]) -> tuple[str, dict]:
-    """The cache entry for ``key_parts`` (written by ``write(tmp_dir)`` when missing) and its summary."""
+    """The cache entry for ``key_parts`` (written by ``write(tmp_dir)`` when missing) and its summary
+    (:class:`_Stats`' fields, ``built``: whether this call wrote it)."""
     key = hashlib.sha1(json.dumps({"v": CACHE_VERSION, **key_parts}, sort_keys=True, default=str).encode())
     entry = os.path.join(cache_root(), key.hexdigest()[:20])
     done = os.path.join(entry, "evotune-tokenized.json")
     dist = distributed()
+    built = False
     if not os.path.isfile(done) and (dist is None or dist.get_rank() == 0):
+        built = True
         tmp = f"{entry}.{os.getpid()}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         try:
@@ -305,7 +311,7 @@ def _cached(key_parts: dict, write: Callable[[str], _Stats]) -> tuple[str, dict]
     if dist is not None:
         dist.barrier()
     with open(done) as f:
-        return entry, json.load(f)["stats"]
+        return entry, {**json.load(f)["stats"], "built": built}
 
 
 def _signed(tokens: list[int], stats: _Stats) -> bool:
@@ -359,6 +365,7 @@ def _encode_record(record, encoder: Encoder, max_length: int, map_fn, template_f
         raise RecordError(f"the record is {type(record).__name__}, expected an object")
     if map_fn is not None:
         record = {**record, **map_fn(record)}
+    X.check_conversation(record)
     if template_fn is not None:
         record = {**record, **template_fn(record)}
         if not record["conversation"]:
@@ -384,7 +391,8 @@ def _say(stats: dict, what: str, entry: str) -> None:
     notes += [f"{stats[k]:,} {text}" for k, text in (("empty", "without a turn dropped"),
                                                       ("no_loss", "without a trained token dropped"),
                                                       ("truncated", "cut at max_length")) if stats.get(k)]
-    print(f"evotune: {what}: {', '.join(notes)} (tokenized once, in {entry})")
+    how = "tokenized into" if stats["built"] else "read from the cache"
+    print(f"evotune: {what}: {', '.join(notes)} ({how} {entry})")
     if stats.get("zero_targets"):
         print(f"evotune: warning: {stats['zero_targets']:,} trained tokens have id 0, which InternEvo's labels "
               "never train (a label must be positive)")

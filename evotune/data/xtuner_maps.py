@@ -238,6 +238,9 @@ def template_map_fn(example: dict, template) -> dict:
         text = template["INSTRUCTION"].format(input=turn.get("input") or "", round=i + 1)
         system = turn.get("system", "")
         if system not in ("", None):
+            if "SYSTEM" not in template:
+                raise RecordError(f"conversation[{i}] has a system, but the prompt template has no SYSTEM "
+                                  "(XTuner fails on it too); drop the system or use another template")
             text = template["SYSTEM"].format(system=system) + text
         turn["input"] = text
         if template.get("SUFFIX"):
@@ -264,8 +267,12 @@ def template_of(fn) -> dict | None:
 
 
 def check_conversation(record) -> list[dict]:
-    """``record['conversation']`` if it is XTuner's conversation format, else :class:`RecordError`
-    (a missing ``conversation`` is a ``KeyError``, reported as a missing field)."""
+    """``record['conversation']`` if it is XTuner's conversation format, else :class:`RecordError`.
+
+    A missing ``conversation``, or a turn without ``output``, is a ``KeyError``
+    (reported as a missing field); ``input``, ``system`` and ``sep`` may be
+    missing. Checked before the template too, which would fill in a missing
+    output with its suffix alone (as XTuner's does)."""
     if not isinstance(record, dict):
         raise RecordError(f"the record is {json_type(record)}, expected an object")
     turns = record["conversation"]
@@ -274,12 +281,11 @@ def check_conversation(record) -> list[dict]:
     for i, turn in enumerate(turns):
         if not isinstance(turn, dict):
             raise RecordError(f"conversation[{i}] is {json_type(turn)}, expected an object")
-        for key in ("input", "output"):
-            if key not in turn:
-                raise KeyError(f"conversation[{i}].{key}")
-            if not isinstance(turn[key], str) and not (key == "input" and turn[key] is None):
-                raise RecordError(f"conversation[{i}].{key} is {json_type(turn[key])}, expected a string")
-        for key in ("sep", "system"):
+        if "output" not in turn:
+            raise KeyError(f"conversation[{i}].output")
+        if not isinstance(turn["output"], str):
+            raise RecordError(f"conversation[{i}].output is {json_type(turn['output'])}, expected a string")
+        for key in ("input", "sep", "system"):  # may be missing (XTuner reads them as '')
             if turn.get(key) is not None and not isinstance(turn[key], str):
                 raise RecordError(f"conversation[{i}].{key} is {json_type(turn[key])}, expected a string")
     return turns
