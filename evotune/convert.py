@@ -3,6 +3,7 @@
     evotune convert internevo2hf SRC DST [--save-format internlm2|huggingface] [--dtype bfloat16]
     evotune convert hf2internevo SRC DST --tp N --pp M [--dtype ...]
     evotune convert pth_to_hf WORK_DIR_OR_CKPT DST [--save-format ...]
+    evotune convert pth_to_hf CONFIG CKPT SAVE_DIR [--fp32]       (XTuner's order: float16 unless --fp32)
 
 The command sits above the formats it joins (:mod:`evotune.checkpoint`) and
 needs no model: every conversion streams tensors through plans
@@ -33,6 +34,9 @@ from evotune.checkpoint.internlm2 import (
 from evotune.checkpoint.source import ModelSource, detect_format, read_config_json
 from evotune.dtypes import dtype_name, parse_dtype
 from evotune.errors import EvotuneError
+from evotune.model import hub
+from evotune.settings import load_settings
+from evotune.xtuner_compat import tokenizer_path
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)B?\s*$", re.I)
 
@@ -52,8 +56,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
 
 
-def _hf_out(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--save-format", choices=("internlm2", "huggingface"), default=None,
+def _hf_out(p: argparse.ArgumentParser, *formats: str) -> None:
+    p.add_argument("--save-format", choices=("internlm2", "huggingface", *formats), default=None,
                    help="InternLM2 layout (default for InternEvo sources) or transformers' native Llama layout")
     p.add_argument("--tokenizer", default=None, help="tokenizer folder or .model file to copy into the output")
     p.add_argument("--max-shard-size", default="5GB", help="largest safetensors file (default 5GB)")
@@ -76,9 +80,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     _common(b)
     b.add_argument("--tp", type=int, required=True, help="tensor-parallel size (divides kv heads and vocab)")
     b.add_argument("--pp", type=int, required=True, help="pipeline-parallel size (at most num_layers)")
-    c = sub.add_parser("pth_to_hf", help="evotune training checkpoint (work dir or step folder) -> Hugging Face")
+    c = sub.add_parser("pth_to_hf", help="evotune training checkpoint (work dir or step folder) -> Hugging Face; "
+                                         "XTuner's order CONFIG CKPT SAVE_DIR works too")
     _common(c)
-    _hf_out(c)
+    c.add_argument("save_dir", nargs="?", help="XTuner's order (pth_to_hf CONFIG CKPT SAVE_DIR): the output folder; "
+                                               "the config gives the tokenizer copied into it")
+    _hf_out(c, *XTUNER_SAVE_FORMATS)
+    c.add_argument("--fp32", action="store_true", help="XTuner's flag: write float32 (XTuner's order writes "
+                                                       "float16 otherwise)")
+    c.add_argument("--safe-serialization", action="store_true",
+                   help="XTuner's flag, accepted: evotune always writes safetensors")
+    c.add_argument("--cfg-options", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="with CONFIG: overrides, as for evotune train")
     c.add_argument("--model", default=None,
                    help="the model folder the training started from (default: the checkpoint's hf_config.json "
                         "and trainer_state.json)")
@@ -99,11 +112,31 @@ def main(args: argparse.Namespace) -> int:
     elif args.direction == "hf2internevo":
         out = hf2internevo(args.src, args.dst, tp=args.tp, pp=args.pp, dtype=dtype, overwrite=args.overwrite)
     else:
-        out = pth_to_hf(args.src, args.dst, model_path=args.model, save_format=args.save_format, dtype=dtype,
-                        tokenizer_path=args.tokenizer,
+        src, dst, tokenizer = args.src, args.dst, args.tokenizer
+        if args.save_dir is not None:  # XTuner's order: CONFIG CKPT SAVE_DIR
+            src, dst = args.dst, args.save_dir
+            tokenizer = tokenizer or config_tokenizer(args.src, args.cfg_options)
+            dtype = dtype or torch.float16
+        elif args.cfg_options:
+            raise EvotuneError("pth_to_hf: --cfg-options needs a CONFIG (pth_to_hf CONFIG CKPT SAVE_DIR)")
+        if args.fp32:
+            dtype = torch.float32
+        out = pth_to_hf(src, dst, model_path=args.model, save_format=XTUNER_SAVE_FORMATS.get(args.save_format,
+                                                                                            args.save_format),
+                        dtype=dtype, tokenizer_path=tokenizer,
                         max_shard_bytes=parse_size(args.max_shard_size), overwrite=args.overwrite)
     print(f"wrote {out}")
     return 0
+
+
+# XTuner's pth_to_hf --save-format: 'xtuner' and 'official' keep the layout the training started from
+XTUNER_SAVE_FORMATS = {"xtuner": None, "official": None}
+
+
+def config_tokenizer(config: str, cfg_options: list[str]) -> str | None:
+    """The tokenizer folder a training config names (``tokenizer`` dict's path or hub id, resolved)."""
+    path = tokenizer_path(load_settings(config, cfg_options).model.tokenizer)
+    return str(hub.resolve(path, tokenizer_only=True)) if path else None
 
 
 def internevo2hf(src, dst, *, save_format: str = "internlm2", dtype=None, ffn_layout: str = "auto",

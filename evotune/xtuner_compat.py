@@ -58,7 +58,6 @@ class Marker:
     """
 
     fixed: dict[str, tuple[tuple, str]] = {}
-    does = ""  # what evotune does for it (start-up table, docs)
 
     def __init__(self, *args, **kwargs):
         raise EvotuneError(f"{type(self).__name__} is an XTuner/mmengine name that evotune's settings read "
@@ -69,11 +68,12 @@ _REQUIRED = inspect.Parameter.empty
 
 
 def _marker(name: str, does: str, params: dict[str, Any], fixed: dict | None = None) -> type[Marker]:
-    """A :class:`Marker` subclass with the signature ``params`` (name -> default, ``_REQUIRED`` for none)."""
+    """A :class:`Marker` subclass with the signature ``params`` (name -> default, ``_REQUIRED`` for none);
+    ``does`` (its docstring) says what evotune does for it."""
     signature = inspect.Signature([inspect.Parameter(k, inspect.Parameter.KEYWORD_ONLY, default=v)
                                    for k, v in params.items()])
-    return type(name, (Marker,), {"__signature__": signature, "fixed": fixed or {}, "does": does,
-                                  "__module__": __name__, "__doc__": does})
+    return type(name, (Marker,), {"__signature__": signature, "fixed": fixed or {}, "__module__": __name__,
+                                  "__doc__": does})
 
 
 _GREEDY = "evotune answers greedily with the template's stop words and EOS"
@@ -216,6 +216,13 @@ class AutoTokenizer:
         return tokenizer
 
 
+def tokenizer_path(spec: dict | None) -> str | None:
+    """The folder or hub id a ``tokenizer`` dict names: evotune's ``path=`` or XTuner's
+    ``pretrained_model_name_or_path=``."""
+    spec = spec or {}
+    return spec.get("path") or spec.get("pretrained_model_name_or_path")
+
+
 # --------------------------------------------------------------------------- the import table
 
 _HOOKS = ("CheckpointHook", "LoggerHook", "IterTimerHook", "ParamSchedulerHook", "DistSamplerSeedHook")
@@ -323,6 +330,7 @@ def config_builtins(where: str) -> dict[str, Any]:
     """The builtins of a config file's namespace: Python's, with an ``__import__`` that resolves
     XTuner's and mmengine's modules to :class:`_ShimModule` objects. ``where``: the file, for messages."""
     real_import = builtins.__import__
+    _said.clear()  # each run of a config says its notes once
 
     def config_import(name, globals=None, locals=None, fromlist=(), level=0):
         top = name.partition(".")[0]

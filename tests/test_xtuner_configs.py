@@ -6,17 +6,29 @@ unchanged; the runs change only paths, lengths and intervals with --cfg-options.
 
 from __future__ import annotations
 
+import inspect
+import json
+import os
+import shutil
+import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 
 from evotune import xtuner_compat as xt
+from evotune.checkpoint import dcp
 from evotune.cli import main as cli_main
 from evotune.config import load_config
 from evotune.errors import EvotuneError
+from evotune.model.load import load_model
 from evotune.settings import SECTIONS, load_settings
+from test_distributed import read_metrics
+from test_hub import make_hub_cache
+from test_model_internlm2 import make_internlm2
 
 CONFIGS = Path(__file__).parent / "xtuner_configs"
 
@@ -248,9 +260,204 @@ def test_every_marker_parameter_is_read_by_a_setting_or_fixed():
              "BatchSampler": "train_dataloader.batch_sampler", "default_collate_fn": "train_dataloader.collate_fn"}
     markers = [v for v in vars(xt).values() if isinstance(v, type) and issubclass(v, xt.Marker) and v is not xt.Marker]
     assert len(markers) == 18
-    import inspect
     for m in markers:
         for p in inspect.signature(m).parameters:
             read = any(q == f"{where.get(m.__name__)}.{p}" or q.startswith(f"{where.get(m.__name__)}.{p}.")
                        for q in places)
             assert p in m.fixed or read or (m.__name__, p) == ("Visualizer", "vis_backends"), (m.__name__, p)
+
+
+# --------------------------------------------------------------------------- XTuner's own configs train
+
+SHARED_TOKENIZER = Path(__file__).resolve().parents[1].parent / "shared" / "tokenizers" / "internlm2.model"
+HUB_IDS = ("internlm/internlm2-7b", "internlm/internlm2-chat-7b", "internlm/internlm2-chat-1_8b")
+CHAT_TOKENS = {92538: "<|plugin|>", 92539: "<|interpreter|>", 92540: "<|action_end|>", 92541: "<|action_start|>",
+               92542: "<|im_end|>", 92543: "<|im_start|>"}
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _tiny_internlm2_with_tokenizer(path: Path) -> Path:
+    """A random InternLM2 (hidden 32, 2 layers) with the real InternLM2 tokenizer, as the hub ships chat models."""
+    make_internlm2(path, vocab_size=92544, max_position_embeddings=512, bos_token_id=1, eos_token_id=2,
+                   pad_token_id=2)
+    shutil.copyfile(SHARED_TOKENIZER, path / "tokenizer.model")
+    special = {1: "<s>", 2: "</s>", 0: "<unk>", **CHAT_TOKENS}
+    (path / "tokenizer_config.json").write_text(json.dumps({
+        "added_tokens_decoder": {str(i): {"content": c, "lstrip": False, "normalized": False, "rstrip": False,
+                                          "single_word": False, "special": True} for i, c in special.items()},
+        "additional_special_tokens": list(CHAT_TOKENS.values()), "tokenizer_class": "InternLM2Tokenizer",
+        "auto_map": {"AutoTokenizer": ["tokenization_internlm2.InternLM2Tokenizer", None]},
+        "bos_token": "<s>", "eos_token": "</s>", "pad_token": "</s>", "unk_token": "<unk>"}))
+    return path
+
+
+@pytest.fixture(scope="session")
+def hub_home(tmp_path_factory) -> Path:
+    """HF_HOME with the tiny InternLM2 cached under the hub ids XTuner's configs name."""
+    if not SHARED_TOKENIZER.is_file():
+        pytest.skip(f"{SHARED_TOKENIZER} is not available")
+    model = _tiny_internlm2_with_tokenizer(tmp_path_factory.mktemp("tiny") / "internlm2")
+    home = tmp_path_factory.mktemp("hf_home")
+    for repo in HUB_IDS:
+        make_hub_cache(home / "hub", repo, model)
+    return home
+
+
+@pytest.fixture
+def offline(hub_home, monkeypatch) -> dict:
+    env = {"HF_HOME": str(hub_home), "HF_HUB_OFFLINE": "1"}
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    return env
+
+
+def _sentences(n: int, seed: int) -> list[str]:
+    words = ("alpha beta gamma delta river stone cloud light quick brown fox jumps over lazy dog "
+             "上海 景点 你好 世界").split()
+    rng = np.random.RandomState(seed)
+    return [" ".join(rng.choice(words, size=rng.randint(6, 20))) for _ in range(n)]
+
+
+@pytest.fixture(scope="session")
+def chat_data(tmp_path_factory) -> dict[str, str]:
+    """One small data set in each format XTuner's configs read."""
+    root = tmp_path_factory.mktemp("xtuner_data")
+    q, a = _sentences(80, 1), _sentences(80, 2)
+    conversation = root / "conversation.json"  # the custom-dataset configs' format
+    conversation.write_text(json.dumps([{"conversation": [{"system": "", "input": x, "output": y}]}
+                                        for x, y in zip(q, a)], ensure_ascii=False))
+    untokenized = root / "untokenized"  # load_intern_repo_untokenized_dataset: one JSON list of messages a line
+    untokenized.mkdir()
+    (untokenized / "part.json").write_text("\n".join(json.dumps(
+        [{"role": "user", "content": x}, {"role": "assistant", "content": y}], ensure_ascii=False)
+        for x, y in zip(q, a)) + "\n")
+    alpaca = root / "alpaca"  # a local dataset folder instead of tatsu-lab/alpaca
+    alpaca.mkdir()
+    (alpaca / "train.json").write_text(json.dumps([{"instruction": x, "input": "", "output": y}
+                                                   for x, y in zip(q * 2, a * 2)], ensure_ascii=False))
+    return {"conversation": str(conversation), "untokenized": str(untokenized), "alpaca": str(alpaca)}
+
+
+def _xtuner_options(name: str, small_folder: str, chat_data: dict) -> list[str]:
+    """Only paths, lengths and intervals: the data, 128-token packs, 4-token answers, saves and samples
+    every 2 iterations (XTuner's iterations: micro-batches)."""
+    common = {"max_length": 128, "max_new_tokens": 4, "save_steps": 2, "evaluation_freq": 2,
+              "dataloader_num_workers": 0}
+    data = {"internevo": {"dataset_folder": small_folder}, "untokenized": {"dataset_folder": chat_data["untokenized"]},
+            "tokenized": {"dataset_folder": small_folder},
+            "custom": {"data_files": [chat_data["conversation"]]},
+            "alpaca": {"alpaca_en_path": chat_data["alpaca"], "save_steps": 32, "evaluation_freq": 32}}
+    kind = next(k for k in data if k in name)
+    return [f"{k}={v!r}" for k, v in {**common, **data[kind]}.items()]
+
+
+def _check_run(work: Path, cfg_path: Path, accumulation: int, steps: int | None = None):
+    """Trained, honoured the nested settings, wrote samples and an HF export that reloads."""
+    records = read_metrics(work)
+    settings = load_settings(str(cfg_path))
+    assert records and (steps is None or len(records) == steps)
+    assert all(r["tokens"] == (i + 1) * accumulation * 128 for i, r in enumerate(records))  # 1 pack per micro-batch
+    kept = [s for s, _ in dcp.list_checkpoints(work / "checkpoints")]
+    assert len(kept) == min(2, len(kept)) and kept[-1] == len(records)  # save_total_limit = 2: max_keep_ckpts
+    samples = [json.loads(line) for line in (work / "eval_samples.jsonl").read_text().splitlines()]
+    assert {s["input"] for s in samples} == set(settings.eval.inputs)  # EvaluateChatHook's evaluation_inputs
+    assert {s["step"] for s in samples} >= {0, len(records)}
+    reloaded = load_model(str(work / "hf"))
+    assert json.loads((work / "hf" / "config.json").read_text())["model_type"] == "internlm2"
+    assert reloaded.config.vocab_size == 92544
+    return records
+
+
+@pytest.mark.parametrize("config", [
+    "internlm2_7b_w_internevo_dataset.py", "internlm2_7b_w_tokenized_dataset.py",
+    "internlm2_7b_w_untokenized_dataset.py", "internlm2_7b_full_finetune_custom_dataset_e1.py",
+    "internlm2_chat_7b_full_finetune_custom_dataset_e1.py", "internlm2_chat_1_8b_full_alpaca_e3.py"])
+def test_an_xtuner_config_trains_unchanged(config, offline, small_folder, chat_data, tmp_path, capsys):
+    work = tmp_path / "work"
+    opts = _xtuner_options(config, small_folder, chat_data)
+    assert cli_main(["train", str(CONFIGS / config), "--work-dir", str(work), "--cfg-options", *opts]) == 0
+    out = capsys.readouterr().out
+    assert "trust_remote_code=True: evotune loads internlm/internlm2" in out and "never runs remote code" in out
+    assert "the first pack, decoded" in out  # DatasetInfoHook
+    settings = load_settings(str(CONFIGS / config), opts)
+    records = _check_run(work, CONFIGS / config, settings.optim.accumulative_counts)
+    if "alpaca" in config:  # AmpOptimWrapper(dtype='float16', loss_scale='dynamic'): scaled, overflows skipped
+        assert settings.optim.accumulative_counts == 16 and all("loss_scale" in r for r in records)
+        assert records[0]["loss_scale"] == 2.0 ** 16
+        assert [r["skipped_steps"] for r in records] == list(np.cumsum([r["overflow"] for r in records]))
+    assert records[-1]["loss"] < records[0]["loss"]
+
+
+def test_the_sequence_parallel_config_trains_on_two_ranks(offline, chat_data, small_folder, tmp_path):
+    """XTuner's *_sequence_parallel_4 config, with sequence_parallel_size=2 to fit two gloo ranks."""
+    config = CONFIGS / "internlm2_7b_full_finetune_custom_dataset_e1_sequence_parallel_4.py"
+    work = tmp_path / "work"
+    opts = [*_xtuner_options("custom", small_folder, chat_data), "sequence_parallel_size=2"]
+    env = {**os.environ, **offline, "NPROC_PER_NODE": "2"}
+    proc = subprocess.run([sys.executable, "-m", "evotune.cli", "train", str(config), "--work-dir", str(work),
+                           "--device", "cpu", "--deepspeed", "deepspeed_zero2", "--cfg-options", *opts],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "2 process(es) on cpu, FSDP2 zero2" in proc.stdout
+    # one sequence-parallel group of 2: dp 1, so each step is accumulative_counts (1 * sp 2 = 2) packs
+    records = _check_run(work, config, accumulation=2)
+    assert records[-1]["loss"] < records[0]["loss"]
+
+
+# --------------------------------------------------------------------------- XTuner's commands
+
+
+def test_xtuner_train_flags(xtuner_cfg, capsys, monkeypatch):
+    from evotune.cli import build_parser
+
+    path = xtuner_cfg()
+    assert cli_main(["train", path, "--launcher", "mpi"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "evotune: error: --launcher mpi: evotune starts its processes with torchrun (NPROC_PER_NODE=N) or srun "
+        "(--launcher slurm), or joins an external launcher's (--launcher pytorch)")
+    argv = ["train", path, "--local_rank", "3", "--work-dir", "w", "--seed", "5", "--deepspeed", "deepspeed_zero2",
+            "--resume", "auto", "--cfg-options", "max_length=32"]
+    args = build_parser(argv).parse_args(argv)
+    assert (args.local_rank, args.work_dir, args.seed, args.deepspeed, args.resume) == (3, "w", 5,
+                                                                                          "deepspeed_zero2", "auto")
+
+
+def test_pth_to_hf_in_xtuner_order(offline, small_folder, chat_data, tmp_path):
+    """xtuner convert pth_to_hf CONFIG PTH SAVE_DIR: float16 by default, --fp32 keeps float32; the config's
+    tokenizer (a hub id) is copied in."""
+    from safetensors.torch import load_file
+
+    config = str(CONFIGS / "internlm2_7b_w_internevo_dataset.py")
+    work = tmp_path / "work"
+    opts = _xtuner_options("internevo", small_folder, chat_data)
+    assert cli_main(["train", config, "--work-dir", str(work), "--cfg-options", *opts, "max_epochs=0.25"]) == 0
+    step = dcp.list_checkpoints(work / "checkpoints")[-1][1]
+    assert cli_main(["convert", "pth_to_hf", config, step, str(tmp_path / "fp16"), "--cfg-options", *opts]) == 0
+    assert cli_main(["convert", "pth_to_hf", config, step, str(tmp_path / "fp32"), "--fp32",
+                     "--save-format", "xtuner"]) == 0
+    trained = load_file(work / "hf" / "model.safetensors")
+    half, full = (load_file(tmp_path / d / "model.safetensors") for d in ("fp16", "fp32"))
+    assert sorted(half) == sorted(trained) == sorted(full)
+    assert all(half[k].dtype == torch.float16 and torch.equal(half[k], trained[k].half()) for k in trained)
+    assert all(torch.equal(full[k], trained[k]) for k in trained)
+    assert (tmp_path / "fp16" / "tokenizer.model").is_file()
+
+
+def test_check_custom_dataset_and_log_dataset(offline, small_folder, chat_data, tmp_path, capsys):
+    config = str(CONFIGS / "internlm2_7b_full_finetune_custom_dataset_e1.py")
+    opts = _xtuner_options("custom", small_folder, chat_data)
+    assert cli_main(["check-custom-dataset", config, "--cfg-options", *opts]) == 0
+    out = capsys.readouterr().out
+    assert "the data is valid" in out and "[[<s><|im_start|>user\n" in out and "<|im_end|>" in out
+    assert cli_main(["log-dataset", config, "--show", "all", "--cfg-options", *opts]) == 0
+    out = capsys.readouterr().out
+    assert [line.split()[1] for line in out.splitlines() if line.startswith("####")] == [
+        "text", "masked_text", "input_ids", "labels"]
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps([{"conversation": [{"input": "a", "output": "b"}]},
+                               {"conversation": [{"input": "a"}]}]))
+    opts = [o for o in opts if not o.startswith("data_files")] + [f"data_files={[str(bad)]!r}"]
+    assert cli_main(["check-custom-dataset", config, "--cfg-options", *opts]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and str(bad) in err and "conversation[0].output" in err

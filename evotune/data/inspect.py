@@ -120,6 +120,13 @@ def trained_runs(tokens: Sequence[int]) -> list[tuple[bool, list[int]]]:
     return runs
 
 
+def pack_tokens(pack: dict) -> list[int]:
+    """A pack's input ids signed as InternEvo's are (negative: not a target), for :func:`render_document`:
+    token ``i`` is a target when ``labels[i - 1]`` is set."""
+    ids, labels = pack["input_ids"], pack["labels"]
+    return [int(t) if i and labels[i - 1] != -100 else -int(t) for i, t in enumerate(ids)]
+
+
 def render_document(tokens: Sequence[int], decode: Callable[[list[int]], str] | None, plain: bool):
     """A document with its non-target spans marked: ``[[...]]`` text when ``plain``, else a dim rich Text."""
     from rich.text import Text

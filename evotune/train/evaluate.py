@@ -53,16 +53,27 @@ class PromptEncoder:
     """Token ids of generation prompts for a tokenizer and a chat template.
 
     ``template``: a name in :data:`evotune.data.templates.TEMPLATES`,
-    ``'tokenizer'`` (the tokenizer's ``chat_template``), or None (the
-    tokenizer's template if it has one, else plain text: BOS + the input).
-    ``stop_ids``: EOS and the template's end-of-turn token.
+    ``'tokenizer'`` (the tokenizer's ``chat_template``), an XTuner
+    ``PROMPT_TEMPLATE`` entry (a dict: the prompt is what XTuner's
+    ``template_map_fn`` makes of the question, as in training on
+    ``process_hf_dataset`` data), or None (the tokenizer's template if it has
+    one, else plain text: BOS + the input).
+    ``stop_ids``: EOS and the template's end-of-turn token (an XTuner template's ``STOP_WORDS``).
     """
 
-    def __init__(self, tokenizer, template: str | None = None, system: str | None = None,
+    def __init__(self, tokenizer, template: str | dict | None = None, system: str | None = None,
                  where: str = "prompt_template"):
         from evotune.data import templates as T
+        from evotune.data.hf_dataset import Encoder
         from evotune.data.tokenize import HFCodec, Options, RecordEncoder, SentencePieceCodec
 
+        self.xtuner = template if isinstance(template, dict) else None
+        if self.xtuner is not None:
+            self.tokenizer, self.system, self.plain = tokenizer, system or None, False
+            self.xtuner_encoder = Encoder.of(tokenizer)
+            stops = self.xtuner_encoder.encode(list(self.xtuner.get("STOP_WORDS", ())))
+            self.stop_ids = sorted({*self.xtuner_encoder.eos, *(ids[0] for ids in stops if len(ids) == 1)})
+            return
         if template is not None and (not isinstance(template, str)
                                      or template not in (*T.TEMPLATES, T.TOKENIZER_TEMPLATE)):
             raise EvotuneError(f"{where} {template!r}: unknown template; use one of "
@@ -117,6 +128,8 @@ class PromptEncoder:
         if isinstance(messages, str):
             messages = [{"role": "user", "content": messages}]
         messages = list(messages)
+        if self.xtuner is not None:
+            return self._xtuner_prompt(messages)
         if self.plain:
             text = "\n".join(m["content"] for m in messages if m["role"] != "system")
             bos = [self.codec.bos_id] if self.codec.bos_id is not None else []
@@ -124,6 +137,31 @@ class PromptEncoder:
         if self.system and messages[0]["role"] != "system":
             messages = [{"role": "system", "content": self.system}, *messages]
         return self._split(messages)[0]
+
+
+    def _xtuner_prompt(self, messages: list[dict]) -> list[int]:
+        """The conversation's tokens as XTuner's template and encoding give them, up to the last user
+        message's answer (evotune/data/xtuner_maps.py)."""
+        from evotune.data.xtuner_maps import encode_conversation, template_map_fn
+
+        system = next((m["content"] for m in messages if m["role"] == "system"), self.system) or ""
+        turns, pending = [], None
+        for m in messages:
+            if m["role"] == "user":
+                pending = m["content"]
+            elif m["role"] == "assistant" and pending is not None:
+                turns.append({"input": pending, "output": m["content"]})
+                pending = None
+        if pending is None:
+            raise EvotuneError("a prompt must end with a user message")
+        turns.append({"input": pending, "output": ""})
+        turns[0]["system"] = system
+        rendered = template_map_fn({"conversation": turns}, self.xtuner)["conversation"]
+        enc = self.xtuner_encoder
+        ids = [abs(t) for t in encode_conversation(rendered[:-1], enc.encode, enc.bos, enc.eos, None)]
+        if len(rendered) == 1 or rendered[-2]["need_eos_token"]:
+            ids += enc.bos
+        return ids + enc.encode([rendered[-1]["input"]])[0]
 
 
 def _fsdp_root(model: torch.nn.Module) -> torch.nn.Module | None:

@@ -50,9 +50,11 @@ from evotune.checkpoint.source import ModelSource
 from evotune.config import build
 from evotune.data.build import build_data
 from evotune.data.collate import model_inputs, packed_collate
+from evotune.data.inspect import pack_tokens, render_document
 from evotune.data.loader import StepLoader
 from evotune.dtypes import dtype_name, parse_dtype
 from evotune.errors import EvotuneError
+from evotune.model import hub
 from evotune.parallel.env import DistEnv
 from evotune.parallel.fsdp import clip_grad_norm_, parallelize, set_micro_batch, strategy_for
 from evotune.parallel.mesh import ParallelMesh, build_mesh
@@ -70,6 +72,7 @@ from evotune.train.schedule import build_scheduler
 from evotune.train.tensorboard import build_visualizer
 from evotune.train.type_loss import TypeLoss
 from evotune.train.validate import Validator
+from evotune.xtuner_compat import tokenizer_path
 
 
 def seed_everything(seed: int) -> None:
@@ -210,7 +213,7 @@ def _train(s: Settings, env: DistEnv, stop: StopSignals) -> dict:
     writer = M.MetricsWriter(metrics_path, enabled=env.is_main, append=resumed is not None)
     visualizer = build_visualizer(s.logging.visualizer, work_dir, enabled=env.is_main)
     progress = Progress(n_steps, enabled=env.is_main, start=state.step)
-    tokenizer = build(s.model.tokenizer) if s.eval.inputs and s.model.tokenizer else None
+    tokenizer = build(s.model.tokenizer) if (s.eval.inputs or s.data.dataset_info) and s.model.tokenizer else None
     samples = build_sample_evaluator(s.eval, work_dir, tokenizer, is_main=env.is_main, append=resumed is not None,
                                      print_fn=progress.print, device=env.device)
     validator = Validator(s.eval, s.data, pmesh, env.device) if s.eval.valid_folder else None
@@ -219,6 +222,9 @@ def _train(s: Settings, env: DistEnv, stop: StopSignals) -> dict:
     skips = SkipBudget(s.optim.max_consecutive_skips, s.optim.max_skipped_fraction, n_steps, state.skipped_steps,
                        lr=s.optim.lr)
     _print_start(progress, s, env, pmesh, strategy, dataset, sampler, n_steps, m.compute_dtype, resumed)
+    if s.data.dataset_info and tokenizer is not None:  # XTuner's DatasetInfoHook
+        progress.print("evotune: the first pack, decoded ([[...]]: no loss)\n"
+                       + render_document(pack_tokens(dataset[0]), tokenizer.decode, plain=True))
     checkpointer.restore_rng()  # last: the model and data were built with the seed's RNG
 
     last_loss = float("nan")
@@ -398,10 +404,12 @@ def _export(m: _Model, s: Settings, hf_dir: str, env: DistEnv) -> None:
     """Gather the full weights (rank 0, on the CPU) and write the HF directory in the source's layout."""
     state = get_model_state_dict(m.module, options=StateDictOptions(full_state_dict=True,
                                                                   cpu_offload=dist.is_initialized()))
+    tokenizer = tokenizer_path(s.model.tokenizer)
+    if tokenizer is not None:  # a hub id: every rank takes part (rank 0 resolves, the others wait)
+        tokenizer = hub.resolve(tokenizer, tokenizer_only=True)
     if env.is_main:
-        tokenizer_path = (s.model.tokenizer or {}).get("path")
         save_hf({k.removeprefix("llm."): v for k, v in state.items()}, hf_dir, config=m.llm.config,
                 source=ModelSource.of(m.llm), save_format=s.checkpoint.save_format,
-                tokenizer_path=tokenizer_path, dtype=m.export_dtype, overwrite=True)
+                tokenizer_path=tokenizer, dtype=m.export_dtype, overwrite=True)
     if dist.is_initialized():
         dist.barrier()

@@ -34,10 +34,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                             "realised with FSDP2 (default with several processes: plain data "
                                             "parallel)")
     parser.add_argument("--device", help="cpu or cuda (default: cuda when available)")
-    parser.add_argument("--launcher", choices=LAUNCHERS, default="none",
+    parser.add_argument("--launcher", choices=(*LAUNCHERS, "mpi"), default="none",
                         help="how the processes were started: none (one process, or NPROC_PER_NODE=N to "
                              "re-launch under torchrun), pytorch (torchrun or another launcher set RANK, "
-                             "WORLD_SIZE, ...), slurm (srun)")
+                             "WORLD_SIZE, ...), slurm (srun); XTuner's mpi is refused")
+    parser.add_argument("--local-rank", "--local_rank", type=int, default=None,
+                        help="XTuner's flag (torch.distributed.launch passes it): sets LOCAL_RANK when the "
+                             "launcher did not")
     parser.add_argument("--resume", metavar="auto|PATH",
                         help="continue from the latest checkpoint of the work dir (auto) or from PATH")
     parser.add_argument("--resume-data-changed", choices=["ok"],
@@ -75,6 +78,11 @@ def settings_of(args: argparse.Namespace, zero):
 
 
 def main(args: argparse.Namespace) -> int:
+    if args.launcher == "mpi":
+        raise EvotuneError("--launcher mpi: evotune starts its processes with torchrun (NPROC_PER_NODE=N) or srun "
+                           "(--launcher slurm), or joins an external launcher's (--launcher pytorch)")
+    if args.local_rank is not None:
+        os.environ.setdefault("LOCAL_RANK", str(args.local_rank))  # as XTuner's tools/train.py does
     zero = read_deepspeed(args.deepspeed) if args.deepspeed else None
     settings = settings_of(args, zero)  # a typo: one line, before any process starts
     if args.launcher == "none" and "RANK" not in os.environ:  # not already started by a launcher
