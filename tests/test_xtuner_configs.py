@@ -461,3 +461,53 @@ def test_check_custom_dataset_and_log_dataset(offline, small_folder, chat_data, 
     assert cli_main(["check-custom-dataset", config, "--cfg-options", *opts]) == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and str(bad) in err and "conversation[0].output" in err
+
+
+# --------------------------------------------------------------------------- runtime keys that act
+
+
+def test_load_from_gives_the_initial_weights(tiny_llama_dir, small_folder, tmp_path):
+    """load_from: a checkpoint's model weights, nothing else (lr 0: the export is exactly those weights)."""
+    from test_distributed import read_hf_weights, run_single, tiny_options
+
+    first = tmp_path / "first"
+    run_single(tiny_options(tiny_llama_dir, small_folder, max_steps=2, save_steps=2), first)
+    step = dcp.list_checkpoints(first / "checkpoints")[-1][1]
+    second = tmp_path / "second"
+    summary = run_single([*tiny_options(tiny_llama_dir, small_folder, max_steps=2, lr=0.0), f"load_from={step!r}"],
+                         second)
+    assert summary["steps"] == 2  # the step count starts fresh
+    got, want = read_hf_weights(second), dcp.read_model_state(step)
+    assert all(torch.equal(got[k], want[k].to(got[k].dtype)) for k in got)
+    assert not all(torch.equal(got[k], v) for k, v in load_model(tiny_llama_dir).state_dict().items() if k in got)
+    with pytest.raises(EvotuneError, match=f"load_from {tmp_path}: not an evotune checkpoint"):
+        run_single([*tiny_options(tiny_llama_dir, small_folder, max_steps=1), f"load_from={str(tmp_path)!r}"],
+                   tmp_path / "third")
+
+
+def test_deterministic_and_cudnn_benchmark_act():
+    from types import SimpleNamespace
+
+    from evotune.train.loop import set_determinism
+
+    try:
+        set_determinism(SimpleNamespace(deterministic=True, cudnn_benchmark=True))
+        assert torch.are_deterministic_algorithms_enabled() and torch.backends.cudnn.benchmark
+    finally:
+        torch.use_deterministic_algorithms(False)
+        torch.backends.cudnn.benchmark = False
+        torch.backends.cudnn.deterministic = False
+
+
+def test_an_mmengine_visualizer_becomes_tensorboard(xtuner_cfg, tmp_path):
+    head = "from mmengine.visualization import Visualizer, LocalVisBackend, TensorboardVisBackend\n"
+    s = load_settings(xtuner_cfg("visualizer = dict(type=Visualizer, vis_backends=[dict(type=LocalVisBackend), "
+                                 "dict(type=TensorboardVisBackend)])\n", **{"from mmengine.hooks": head +
+                                                                            "from mmengine.hooks"}))
+    assert s.logging.visualizer == "tensorboard"
+    s = load_settings(xtuner_cfg("visualizer = dict(type=Visualizer, vis_backends=[dict(type=LocalVisBackend)])\n",
+                                 **{"from mmengine.hooks": head + "from mmengine.hooks"}))
+    assert s.logging.visualizer is None
+    with pytest.raises(EvotuneError, match="WandbVisBackend` is an XTuner/mmengine name that evotune does not "
+                                           "provide; use TensorboardVisBackend"):
+        load_config(_write(tmp_path, "from mmengine.visualization import WandbVisBackend\n"))
