@@ -440,3 +440,41 @@ def test_internevo_walk_does_not_enter_a_link_loop(tmp_path):
     (tmp_path / "a" / "1.bin").write_text("")
     os.symlink(tmp_path, tmp_path / "a" / "up")
     assert walk_listing_order(str(tmp_path)) == ["a/1.bin"]
+
+
+# --------------------------------------------------------------------------- evotune tokenize, same formats
+
+
+def read_bin(path) -> list[list[int]]:
+    return [json.loads(line)["tokens"] for line in Path(path).read_text().splitlines()]
+
+
+def test_tokenize_writes_xtuners_formats_with_xtuners_loss(tok, tmp_path):
+    from evotune.data import tokenize as tk
+
+    conversation = [{"conversation": [{"system": "s", "input": "hello", "output": "world"},
+                                      {"input": "tips", "output": "eat a balanced diet"}]}]
+    chats = [{"messages": [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "world",
+                                                                  "loss": False},
+                           {"role": "user", "content": "tips"}, {"role": "assistant", "content": "eat"}]}]
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    write_jsonl(inputs / "conv.jsonl", conversation)
+    write_jsonl(inputs / "chat.jsonl", chats)
+    write_jsonl(inputs / "alpaca.jsonl", RECORDS[:3])
+    tk.tokenize_files([str(inputs / "conv.jsonl"), str(inputs / "chat.jsonl")], tmp_path / "out",
+                      tok.name_or_path, template="qwen_chat", progress=False)
+    qwen = evotune.template_map_fn_factory(PROMPT_TEMPLATE.qwen_chat)
+    got = read_bin(tmp_path / "out" / "train" / "default" / "conv" / "conv.bin")
+    assert got == [signed(*xtuner_labels(tok, qwen(conversation[0])["conversation"], 10**6))]
+    got = read_bin(tmp_path / "out" / "train" / "default" / "chat" / "chat.bin")
+    assert got == [signed(*xtuner_labels(tok, qwen(evotune.openai_map_fn(chats[0]))["conversation"], 10**6))]
+    assert tok.decode([t for t in got[0] if t > 0]) == "eat<|im_end|>"  # the loss=False answer is input only
+
+    tk.tokenize_files([str(inputs / "alpaca.jsonl")], tmp_path / "alpaca", tok.name_or_path, map_fn="alpaca",
+                      template="internlm2_chat", max_length=40, progress=False)
+    assert read_bin(tmp_path / "alpaca" / "train" / "default" / "alpaca" / "alpaca.bin") == \
+        alpaca_docs(tok, RECORDS[:3], PROMPT_TEMPLATE.internlm2_chat, 40)
+    with pytest.raises(EvotuneError, match=r"conv.jsonl:1: no field 'instruction' \(alpaca_map_fn reads it\)"):
+        tk.tokenize_files([str(inputs / "conv.jsonl")], tmp_path / "bad", tok.name_or_path, map_fn="alpaca",
+                          on_error="fail", progress=False)

@@ -49,7 +49,6 @@ from evotune.errors import EvotuneError
 CACHE_VERSION = 1  # bump when the tokens written for the same inputs change
 IGNORE_INDEX = -100
 DATA_SUFFIXES = (".json", ".jsonl")
-_QWEN_TOKENIZERS = ("QWenTokenizer", "QWen2Tokenizer", "Qwen2Tokenizer", "Qwen2TokenizerFast")
 
 
 # --------------------------------------------------------------------------- records
@@ -219,8 +218,7 @@ class Encoder:
         if eos is None:
             raise EvotuneError(f"tokenizer {getattr(tok, 'name_or_path', '')}: no EOS token, which XTuner's turns "
                                "end with")
-        qwen = type(tok).__name__ in _QWEN_TOKENIZERS
-        bos = [] if qwen or tok.bos_token_id is None else [tok.bos_token_id]
+        bos = X.turn_bos(type(tok).__name__, tok.bos_token_id)
 
         def encode(texts: list[str]) -> list[list[int]]:
             return tok(texts, add_special_tokens=False)["input_ids"] if texts else []
@@ -336,7 +334,8 @@ def _tokenize_records(records, writer_path: str, encoder: Encoder, max_length: i
             stats.records += 1
             try:
                 tokens = (_pretokenized(record) if tokenized else
-                          _encode_record(record, encoder, max_length, map_fn, template_fn, rename_maps))
+                          X.record_tokens(record, encoder.encode, encoder.bos, encoder.eos, max_length, map_fn,
+                                          template_fn, rename_maps))
             except KeyError as e:
                 field = e.args[0] if e.args else "?"
                 by = f" ({getattr(map_fn, '__name__', 'dataset_map_fn')} reads it)" if map_fn else ""
@@ -358,24 +357,6 @@ def _tokenize_records(records, writer_path: str, encoder: Encoder, max_length: i
         if writer is not None:
             writer.close()
     return stats
-
-
-def _encode_record(record, encoder: Encoder, max_length: int, map_fn, template_fn, rename_maps) -> list[int] | None:
-    if not isinstance(record, dict):
-        raise RecordError(f"the record is {type(record).__name__}, expected an object")
-    if map_fn is not None:
-        record = {**record, **map_fn(record)}
-    X.check_conversation(record)
-    if template_fn is not None:
-        record = {**record, **template_fn(record)}
-        if not record["conversation"]:
-            return None
-    for old, new in rename_maps:
-        record[new] = record.pop(old)
-    turns = X.check_conversation(record)
-    if not turns:
-        return None
-    return X.encode_conversation(turns, encoder.encode, encoder.bos, encoder.eos, max_length)
 
 
 def _pretokenized(record) -> list[int]:

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from evotune.data import templates as T
+from evotune.data import xtuner_maps as X
 from evotune.data.ftdp_write import BinWriter
 from evotune.errors import EvotuneError
 
@@ -152,6 +153,7 @@ class Options:
     overflow: str | None = None  # None: split text, truncate chat
     valid_ratio: float = 0.0
     on_error: str = "skip"
+    map_fn: str | None = None  # an XTuner dataset map function's name: every record goes through it
 
 
 @dataclass
@@ -173,13 +175,13 @@ class RecordEncoder:
         if name == T.TOKENIZER_TEMPLATE and not codec.chat_template:
             raise EvotuneError(f"--template tokenizer: {codec.path} has no chat_template; "
                                f"choose one of {', '.join(T.TEMPLATES)}")
-        if name not in (None, T.TOKENIZER_TEMPLATE, *T.TEMPLATES):
-            raise EvotuneError(f"--template {name}: unknown; choose one of "
-                               f"{', '.join([*T.TEMPLATES, T.TOKENIZER_TEMPLATE])}")
-        if name is None and options.fmt == "chat":
+        if name not in (None, T.TOKENIZER_TEMPLATE, *T.TEMPLATES, *T.PROMPT_TEMPLATE):
+            raise EvotuneError(f"--template {name}: unknown; choose one of {', '.join(template_names())}")
+        if name is None and options.fmt == "chat" and options.map_fn is None:
             raise EvotuneError(f"--format chat needs --template ({', '.join(T.TEMPLATES)}): "
                                f"{codec.path} has no chat_template")
         self.template_name = name
+        self._xtuner: _XTunerRecords | None = None  # made for the first XTuner-format record
         self._specials: dict[str, int] = {}
         if name in T.TEMPLATES:
             missing = []
@@ -199,6 +201,11 @@ class RecordEncoder:
             raise T.RecordError(f"the record is {T.json_type(record)}, expected an object")
         fmt = self.options.fmt
         key = self.options.text_key
+        if fmt != "text" and (self.options.map_fn is not None or "conversation" in record or (
+                "messages" in record and self.template_name not in (None, T.TOKENIZER_TEMPLATE, *T.TEMPLATES))):
+            if self._xtuner is None:
+                self._xtuner = _XTunerRecords(self.codec, self.options, self.template_name)
+            return self._xtuner.encode(record)
         if fmt == "auto":
             fmt = "chat" if "messages" in record else "text" if key in record else None
             if fmt is None:
@@ -254,6 +261,44 @@ class RecordEncoder:
             else:
                 tokens += [-t for t in piece_ids]
         return Encoded(tokens, "chat", zeros)
+
+
+def template_names() -> list[str]:
+    """``--template`` values: evotune's chat templates, XTuner's prompt templates, the tokenizer's own."""
+    return list(dict.fromkeys([*T.TEMPLATES, *T.PROMPT_TEMPLATE, T.TOKENIZER_TEMPLATE]))
+
+
+class _XTunerRecords:
+    """XTuner's formats (evotune/data/xtuner_maps.py): ``conversation`` records, records of an XTuner
+    dataset map function (``--map-fn``), and ``messages`` under an XTuner-only template (through
+    ``openai_map_fn``, as XTuner reads them). ``--template`` names the XTuner template (none: untemplated,
+    as XTuner's ``template_map_fn=None``); the loss is XTuner's rule."""
+
+    def __init__(self, codec, options: Options, template: str | None):
+        self.map_fn = X.dataset_map_fn_of(options.map_fn) if options.map_fn else None
+        self.template_name = template
+        self.template = X.template_map_fn_factory(template) if template in T.PROMPT_TEMPLATE else None
+        self.encode_text = codec.encode_markup  # XTuner's tokenizer.encode: special-token spellings are specials
+        tok = getattr(codec, "tok", None)
+        self.bos = X.turn_bos(type(tok).__name__ if tok is not None else "", codec.bos_id)
+        self.eos = [codec.eos_id] if codec.eos_id is not None else []
+
+    def encode(self, record) -> Encoded:
+        if self.template_name not in (None, *T.PROMPT_TEMPLATE):
+            raise T.RecordError(f"XTuner records need one of XTuner's templates as --template "
+                                f"({', '.join(T.PROMPT_TEMPLATE)}) or none, not {self.template_name}")
+        if not self.eos:
+            raise T.RecordError("the tokenizer has no EOS token, which XTuner's turns end with")
+        map_fn = self.map_fn
+        if map_fn is None and "conversation" not in record and "messages" in record:
+            map_fn = X.openai_map_fn
+        try:
+            tokens = X.record_tokens(record, self.encode_text, self.bos, self.eos, None, map_fn, self.template)
+        except KeyError as e:
+            raise T.RecordError(f"no field {e.args[0]!r}" + (f" ({map_fn.__name__} reads it)" if map_fn else ""))
+        if tokens is None:
+            raise T.RecordError("no turn left after the map function (XTuner drops such records)")
+        return Encoded(tokens, "chat", [i for i, t in enumerate(tokens) if t == 0 and i])
 
 
 def count_supervised(tokens: Sequence[int]) -> int:
@@ -618,7 +663,7 @@ def tokenize_files(inputs: Sequence[str | os.PathLike], out: str | os.PathLike, 
                    fmt: str = "auto", template: str | None = None, text_key: str = "text",
                    max_length: int | None = None, overflow: str | None = None, valid_ratio: float = 0.0,
                    type_name: str | None = None, workers: int = 1, on_error: str = "skip",
-                   overwrite: bool = False, progress: bool = True) -> TokenizeStats:
+                   overwrite: bool = False, progress: bool = True, map_fn: str | None = None) -> TokenizeStats:
     """Tokenize ``inputs`` into the InternEvo folder ``out``; returns the counts (see module docs)."""
     if fmt not in FORMATS:
         raise EvotuneError(f"--format {fmt}: choose one of {', '.join(FORMATS)}")
@@ -632,7 +677,7 @@ def tokenize_files(inputs: Sequence[str | os.PathLike], out: str | os.PathLike, 
         raise EvotuneError(f"--valid-ratio {valid_ratio}: give a number in [0, 1)")
     if workers < 1:
         raise EvotuneError(f"--workers {workers}: give at least 1")
-    options = Options(fmt, template, text_key, max_length, overflow, valid_ratio, on_error)
+    options = Options(fmt, template, text_key, max_length, overflow, valid_ratio, on_error, map_fn)
     tokenizer = os.fspath(tokenizer)
     encoder = RecordEncoder(load_codec(tokenizer), options)
     jobs = plan_jobs(inputs, out, type_name)
@@ -718,8 +763,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="a Hugging Face tokenizer folder or a sentencepiece .model file")
     parser.add_argument("--format", default="auto", choices=FORMATS,
                         help="record kind; auto: 'messages' -> chat, else text (default auto)")
-    parser.add_argument("--template", choices=[*T.TEMPLATES, T.TOKENIZER_TEMPLATE],
-                        help="chat template (default: the tokenizer's own chat_template)")
+    parser.add_argument("--template", choices=template_names(),
+                        help="chat template (default: the tokenizer's own chat_template); XTuner's prompt template "
+                             "names apply to XTuner's 'conversation' records and --map-fn")
+    parser.add_argument("--map-fn", choices=sorted({*X.DATASET_FORMAT_MAPPING,
+                                                    *(f.__name__ for f in X.DATASET_FORMAT_MAPPING.values())}),
+                        help="an XTuner dataset map function every record goes through (alpaca, oasst1, ...)")
     parser.add_argument("--text-key", default="text", help="field holding the text of a text record (default text)")
     parser.add_argument("--type", dest="type_name", metavar="NAME",
                         help="data type folder to write under (default: the input's top-level sub-folder, "
@@ -758,7 +807,8 @@ def main(args: argparse.Namespace) -> int:
     stats = tokenize_files(args.inputs, args.output, args.tokenizer, fmt=args.format, template=args.template,
                            text_key=args.text_key, max_length=args.max_length, overflow=args.overflow,
                            valid_ratio=args.valid_ratio, type_name=args.type_name, workers=args.workers,
-                           on_error=args.on_error, overwrite=args.overwrite, progress=sys.stderr.isatty())
+                           on_error=args.on_error, overwrite=args.overwrite, progress=sys.stderr.isatty(),
+                           map_fn=args.map_fn)
     print(format_summary(stats))
     if not stats.written:
         raise EvotuneError(f"no document was written to {args.output} (every record was invalid or had "

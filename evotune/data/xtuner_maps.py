@@ -318,3 +318,32 @@ def encode_conversation(turns: Sequence[dict], encode: Callable[[list[str]], lis
             tokens += [sign * t for t in eos]
         tokens += [-t for t in sep]
     return tokens[:max_length] if max_length is not None else tokens
+
+
+# XTuner's get_bos_eos_token_ids: these tokenizers put no BOS before a turn (Qwen has none)
+_NO_BOS_TOKENIZERS = ("QWenTokenizer", "QWen2Tokenizer", "Qwen2Tokenizer", "Qwen2TokenizerFast")
+
+
+def turn_bos(tokenizer_class: str, bos_id: int | None) -> list[int]:
+    """The ids XTuner puts before a turn that follows an EOS (and before the first)."""
+    return [] if tokenizer_class in _NO_BOS_TOKENIZERS or bos_id is None else [bos_id]
+
+
+def record_tokens(record, encode: Callable[[list[str]], list[list[int]]], bos: Sequence[int], eos: Sequence[int],
+                  max_length: int | None, map_fn=None, template_fn=None, rename_maps=()) -> list[int] | None:
+    """Signed ids of one record through XTuner's pipeline: ``map_fn`` -> checked conversation ->
+    ``template_fn`` -> ``rename_maps`` -> :func:`encode_conversation`. None: no turn left (XTuner drops
+    the record). A missing field is a ``KeyError``, any other bad value a :class:`RecordError`."""
+    if not isinstance(record, dict):
+        raise RecordError(f"the record is {json_type(record)}, expected an object")
+    if map_fn is not None:
+        record = {**record, **map_fn(record)}
+    check_conversation(record)
+    if template_fn is not None:
+        record = {**record, **template_fn(record)}
+    for old, new in rename_maps:
+        record[new] = record.pop(old)
+    turns = check_conversation(record)
+    if not turns:
+        return None
+    return encode_conversation(turns, encode, bos, eos, max_length)
