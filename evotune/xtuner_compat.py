@@ -51,8 +51,8 @@ from evotune.errors import EvotuneError
 class Marker:
     """An XTuner/mmengine name that the settings read instead of building.
 
-    Subclasses define ``__init__`` only for its signature (the parameters a
-    ``type=`` dict may hold). ``fixed``: ``{parameter: (values evotune honours,
+    Each subclass carries a signature (``__signature__``: the parameters a
+    ``type=`` dict may hold, checked by evotune/config.py). ``fixed``: ``{parameter: (values evotune honours,
     why another value is refused)}``; the default of a parameter not written is
     its signature default, as in mmengine.
     """
@@ -64,11 +64,11 @@ class Marker:
                            f"(dict(type={type(self).__name__}, ...) in the config); it is not built")
 
 
-_REQUIRED = inspect.Parameter.empty
+R = inspect.Parameter.empty  # a parameter without a default
 
 
 def _marker(name: str, does: str, params: dict[str, Any], fixed: dict | None = None) -> type[Marker]:
-    """A :class:`Marker` subclass with the signature ``params`` (name -> default, ``_REQUIRED`` for none);
+    """A :class:`Marker` subclass with the signature ``params`` (name -> default, ``R`` for none);
     ``does`` (its docstring) says what evotune does for it."""
     signature = inspect.Signature([inspect.Parameter(k, inspect.Parameter.KEYWORD_ONLY, default=v)
                                    for k, v in params.items()])
@@ -77,7 +77,6 @@ def _marker(name: str, does: str, params: dict[str, Any], fixed: dict | None = N
 
 
 _GREEDY = "evotune answers greedily with the template's stop words and EOS"
-R = _REQUIRED
 # mmengine.hooks
 CheckpointHook = _marker(
     "CheckpointHook", "checkpoint.interval / checkpoint.keep (DCP checkpoints, every `interval` iterations)",
@@ -159,7 +158,7 @@ def DefaultSampler(dataset, shuffle: bool = True, seed: int | None = None, round
     last step of an epoch, it drops that incomplete step (docs/migrating-from-xtuner.md).
     """
     return evotune.InternRepoSampler(dataset, shuffle=shuffle, seed=seed, dp_size=dp_size, dp_rank=dp_rank,
-                             micro_num=micro_num)
+                                     micro_num=micro_num)
 
 
 # --------------------------------------------------------------------------- the Hugging Face loaders
