@@ -478,3 +478,41 @@ def test_tokenize_writes_xtuners_formats_with_xtuners_loss(tok, tmp_path):
     with pytest.raises(EvotuneError, match=r"conv.jsonl:1: no field 'instruction' \(alpaca_map_fn reads it\)"):
         tk.tokenize_files([str(inputs / "conv.jsonl")], tmp_path / "bad", tok.name_or_path, map_fn="alpaca",
                           on_error="fail", progress=False)
+
+
+def test_built_and_saved_datasets_and_pretokenized_records(tok, tmp_path):
+    from datasets import Dataset, DatasetDict
+
+    built = Dataset.from_list(RECORDS)
+    ds = process(tok, None, dataset=built)
+    want = process(tok, write_jsonl(tmp_path / "same.jsonl", RECORDS))
+    np.testing.assert_array_equal(ds[2]["labels"], want[2]["labels"])
+    DatasetDict({"train": built}).save_to_disk(tmp_path / "saved")
+    np.testing.assert_array_equal(process(tok, None, dataset=dict(path=str(tmp_path / "saved")))[2]["labels"],
+                                  want[2]["labels"])
+    # XTuner's own tokenized records (input_ids + unshifted labels, -100 = no loss), and its saved DatasetDict
+    docs = alpaca_docs(tok, RECORDS, PROMPT_TEMPLATE.internlm2_chat, 48)
+    rows = [{"input_ids": [abs(t) for t in d], "labels": [t if t > 0 else -100 for t in d]} for d in docs]
+    pre = process(tok, None, dataset=Dataset.from_list(rows), do_dataset_tokenization=False, dataset_map_fn=None,
+                  template_map_fn=None)
+    np.testing.assert_array_equal(pre[2]["labels"], want[2]["labels"])
+    DatasetDict({"1": Dataset.from_list(rows[15:]), "0": Dataset.from_list(rows[:15])}).save_to_disk(
+        tmp_path / "processed")
+    folder = evotune.load_intern_repo_untokenized_dataset(processed_dataset_dict_path=str(tmp_path / "processed"))
+    assert [f.rel_path for f in folder.files] == ["0.bin", "1.bin"]
+    assert [folder.files[1].document(r).tolist() for r in range(15)] == docs[15:]
+
+
+def test_map_num_proc_processes_give_the_same_packs_and_report_the_first_bad_record(tok, tmp_path):
+    many = [RECORDS[i % len(RECORDS)] for i in range(600)]
+    data = write_jsonl(tmp_path / "many.jsonl", many)
+    one = process(tok, data, map_num_proc=1)
+    os.environ["EVOTUNE_CACHE"] = str(tmp_path / "other_cache")  # own_cache's monkeypatch restores it
+    two = process(tok, data, map_num_proc=2)
+    assert len(one) == len(two) > 100
+    for k in (0, len(one) // 2, len(one) - 1):
+        np.testing.assert_array_equal(one[k]["input_ids"], two[k]["input_ids"])
+        np.testing.assert_array_equal(one[k]["labels"], two[k]["labels"])
+    bad = write_jsonl(tmp_path / "bad.jsonl", many[:400] + [{"output": "x"}] + many[:100] + [{"input": "y"}])
+    with pytest.raises(EvotuneError, match=r"bad.jsonl: record 401: no field 'instruction'"):
+        process(tok, bad, map_num_proc=2)

@@ -30,6 +30,7 @@ import functools
 import hashlib
 import inspect
 import json
+import multiprocessing
 import os
 import shutil
 from collections.abc import Callable, Iterator
@@ -49,6 +50,7 @@ from evotune.errors import EvotuneError
 CACHE_VERSION = 1  # bump when the tokens written for the same inputs change
 IGNORE_INDEX = -100
 DATA_SUFFIXES = (".json", ".jsonl")
+XTUNER_MAP_NUM_PROC = 32  # the processes XTuner's untokenized loader maps with
 
 
 # --------------------------------------------------------------------------- records
@@ -301,9 +303,13 @@ def _cached(key_parts: dict, write: Callable[[str], _Stats]) -> tuple[str, dict]
             stats = write(tmp)
             with open(os.path.join(tmp, "evotune-tokenized.json"), "w") as f:
                 json.dump({"key": key_parts, "stats": stats.__dict__}, f, default=str, indent=1)
-            if os.path.isdir(entry):  # an unfinished entry of an earlier run
-                shutil.rmtree(entry)
-            os.replace(tmp, entry)
+            if os.path.isdir(entry) and not os.path.isfile(done):  # an unfinished entry of an earlier run
+                shutil.rmtree(entry, ignore_errors=True)
+            try:
+                os.replace(tmp, entry)
+            except OSError:  # another process (another run on this machine) finished the same entry first
+                if not os.path.isfile(done):
+                    raise
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     if dist is not None:
@@ -321,32 +327,89 @@ def _signed(tokens: list[int], stats: _Stats) -> bool:
     return True
 
 
-def _tokenize_records(records, writer_path: str, encoder: Encoder, max_length: int, map_fn, template_fn,
-                      rename_maps, max_dataset_length: int | None, tokenized: bool) -> _Stats:
+@dataclass
+class _Recipe:
+    """How one record becomes signed ids (``tokens``), or None when XTuner drops it; a bad record is
+    one EvotuneError naming where it is."""
+
+    encoder: Encoder | None
+    map_fn: Callable | None = None
+    template_fn: Callable | None = None
+    rename_maps: tuple = ()
+    tokenized: bool = False  # records hold input_ids and labels already
+
+    def tokens(self, where: str, number: int, record) -> list[int] | None:
+        try:
+            if self.tokenized:
+                return _pretokenized(record)
+            e = self.encoder
+            return X.record_tokens(record, e.encode, e.bos, e.eos, None, self.map_fn, self.template_fn,
+                                   self.rename_maps)
+        except KeyError as e:
+            field = e.args[0] if e.args else "?"
+            by = f" ({getattr(self.map_fn, '__name__', 'dataset_map_fn')} reads it)" if self.map_fn else ""
+            raise EvotuneError(f"{where}: record {number}: no field {field!r}{by}") from None
+        except RecordError as e:
+            raise EvotuneError(f"{where}: record {number}: {e}") from None
+
+
+_CHUNK = 256  # records per task of a tokenizing worker
+_WORK: dict = {}  # what forked workers read: set before the pool forks, so nothing is pickled but results
+
+
+def _tokens_of_chunk(bounds: tuple[int, int]) -> list:
+    """Worker: the chunk's results in order; a bad record ends the chunk with its EvotuneError."""
+    out: list = []
+    for where, number, record in _WORK["records"][bounds[0]:bounds[1]]:
+        try:
+            out.append(_WORK["recipe"].tokens(where, number, record))
+        except EvotuneError as e:
+            out.append(e)
+            break
+    return out
+
+
+def _all_tokens(records, recipe: _Recipe, workers: int) -> Iterator[list[int] | None]:
+    """Each record's tokens in record order; with ``workers`` > 1 and enough records, from a fork pool
+    (XTuner's ``map_num_proc``: at most that many processes, and no more than the CPUs)."""
+    workers = min(int(workers or 1), os.cpu_count() or 1)
+    if workers > 1 and "fork" in multiprocessing.get_all_start_methods():
+        records = list(records)
+    if workers <= 1 or not isinstance(records, list) or len(records) < 2 * _CHUNK:
+        for where, number, record in records:
+            yield recipe.tokens(where, number, record)
+        return
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # one thread per worker
+    _WORK.update(records=records, recipe=recipe)
+    try:
+        with multiprocessing.get_context("fork").Pool(workers) as pool:
+            for chunk in pool.imap(_tokens_of_chunk, [(a, a + _CHUNK) for a in range(0, len(records), _CHUNK)]):
+                for result in chunk:
+                    if isinstance(result, EvotuneError):
+                        raise result
+                    yield result
+    finally:
+        _WORK.clear()
+
+
+def _tokenize_records(records, writer_path: str, recipe: _Recipe, max_length: int | None,
+                      max_dataset_length: int | None = None, workers: int = 1) -> _Stats:
+    """Write the documents of ``records`` (cut at ``max_length``) to ``writer_path``; the counts."""
     stats = _Stats()
-    records = list(records) if max_dataset_length is not None else records
     if max_dataset_length is not None:  # XTuner's random subset, with InternEvo's fixed seed
+        records = list(records)
         n = min(int(max_dataset_length), len(records))
         records = [records[i] for i in np.random.RandomState(FILE_SHUFFLE_SEED).choice(len(records), n, replace=False)]
     writer = None
     try:
-        for where, number, record in records:
+        for tokens in _all_tokens(records, recipe, workers):
             stats.records += 1
-            try:
-                tokens = (_pretokenized(record) if tokenized else
-                          X.record_tokens(record, encoder.encode, encoder.bos, encoder.eos, max_length, map_fn,
-                                          template_fn, rename_maps))
-            except KeyError as e:
-                field = e.args[0] if e.args else "?"
-                by = f" ({getattr(map_fn, '__name__', 'dataset_map_fn')} reads it)" if map_fn else ""
-                raise EvotuneError(f"{where}: record {number}: no field {field!r}{by}") from None
-            except RecordError as e:
-                raise EvotuneError(f"{where}: record {number}: {e}") from None
             if tokens is None:
                 stats.empty += 1
                 continue
-            if not tokenized and len(tokens) == max_length:
+            if max_length is not None and len(tokens) > max_length:
                 stats.truncated += 1
+                tokens = tokens[:max_length]
             if not _signed(tokens, stats):
                 continue
             if writer is None:
@@ -399,7 +462,8 @@ def process_hf_dataset(dataset, do_dataset_tokenization: bool = True, tokenizer=
     ``shuffle_before_pack``: documents are shuffled with InternEvo's fixed seed
     1024 before packing, else packed in record order. ``remove_unused_columns``
     changes nothing (only token ids are kept, as XTuner forces when packing);
-    ``map_num_proc``: tokenization runs once, in one process, then is cached.
+    ``map_num_proc``: at most that many processes tokenize (no more than the
+    CPUs; one for fewer than 512 records), once: the result is cached.
     """
     for name, value, wanted, why in (
             ("pack_to_max_length", pack_to_max_length, True, "evotune trains on packs of max_length tokens "
@@ -425,8 +489,9 @@ def process_hf_dataset(dataset, do_dataset_tokenization: bool = True, tokenizer=
            "tokenized": not do_dataset_tokenization}
 
     def write(tmp: str) -> _Stats:
-        return _tokenize_records(source.records(), os.path.join(tmp, rel), encoder, max_length, map_fn,
-                                 template_fn, rename_maps, max_dataset_length, not do_dataset_tokenization)
+        recipe = _Recipe(encoder, map_fn, template_fn, tuple(rename_maps), not do_dataset_tokenization)
+        return _tokenize_records(source.records(), os.path.join(tmp, rel), recipe,
+                                 max_length if do_dataset_tokenization else None, max_dataset_length, map_num_proc)
 
     entry, stats = _cached(key, write)
     _say(stats, source.where, entry)
@@ -491,9 +556,10 @@ def load_intern_repo_untokenized_dataset(processed_dataset_dict_path=None, folde
 
     def write(tmp: str) -> _Stats:
         total = _Stats()
+        recipe = _Recipe(encoder, X.openai_map_fn, template_fn)
         for rel, out in zip(rels, outputs):
             stats = _tokenize_records(_json_line_records(os.path.join(folder, rel)), os.path.join(tmp, out),
-                                      encoder, max_length, X.openai_map_fn, template_fn, [], None, False)
+                                      recipe, max_length, workers=XTUNER_MAP_NUM_PROC)
             for k, v in stats.__dict__.items():
                 setattr(total, k, getattr(total, k) + v)
         return total
@@ -520,7 +586,7 @@ def _processed_dict(path: str, where: str) -> FtdpFolder:
         total = _Stats()
         for name in names:
             stats = _tokenize_records(_dataset_records(saved[name], f"{path} [{name}]"),
-                                      os.path.join(tmp, f"{_safe(name)}.bin"), None, 0, None, None, [], None, True)
+                                      os.path.join(tmp, f"{_safe(name)}.bin"), _Recipe(None, tokenized=True), None)
             for k, v in stats.__dict__.items():
                 setattr(total, k, getattr(total, k) + v)
         return total
