@@ -516,3 +516,23 @@ def test_map_num_proc_processes_give_the_same_packs_and_report_the_first_bad_rec
     bad = write_jsonl(tmp_path / "bad.jsonl", many[:400] + [{"output": "x"}] + many[:100] + [{"input": "y"}])
     with pytest.raises(EvotuneError, match=r"bad.jsonl: record 401: no field 'instruction'"):
         process(tok, bad, map_num_proc=2)
+
+
+def test_tokenize_with_a_bare_sentencepiece_model_maps_the_templates_special_tokens(tmp_path):
+    from evotune.data import tokenize as tk
+
+    model = Path(__file__).resolve().parents[2] / "shared" / "tokenizers" / "internlm2.model"
+    if not model.is_file():
+        pytest.skip(f"{model} is not available")
+    sp = tk.SentencePieceCodec(str(model))
+    write_jsonl(tmp_path / "conv.jsonl", [{"conversation": [{"system": "s", "input": "hello", "output": "world"}]}])
+    tk.tokenize_files([str(tmp_path / "conv.jsonl")], tmp_path / "out", str(model), template="internlm2_chat",
+                      progress=False)
+    (doc,) = read_bin(tmp_path / "out" / "train" / "default" / "conv" / "conv.bin")
+    # README facts: <s> 1, <|im_start|> 92543, <|im_end|> 92542, "\n" 364; the text between them encoded alone
+    pieces = [[1], [92543], sp.encode_text(["system\ns"])[0], [92542], sp.encode_text(["\n"])[0], [92543],
+              sp.encode_text(["user\nhello"])[0], [92542], sp.encode_text(["\n"])[0], [92543],
+              sp.encode_text(["assistant\n"])[0]]
+    prompt = [-t for piece in pieces for t in piece]
+    answer = sp.encode_text(["world"])[0] + [92542]
+    assert doc == prompt + answer + [-t for t in sp.encode_text(["\n"])[0]]

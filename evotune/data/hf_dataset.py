@@ -58,7 +58,7 @@ XTUNER_MAP_NUM_PROC = 32  # the processes XTuner's untokenized loader maps with
 
 @dataclass
 class Source:
-    """Where records come from: ``where`` names it in messages, ``records()`` yields (number, record)."""
+    """Where records come from: ``where`` names it in messages; ``records()`` yields (file, number, record)."""
 
     where: str
     key: object  # what identifies the data in the cache key
@@ -248,6 +248,7 @@ def _tokenizer_key(tok, bos, eos) -> str:
 
 
 def cache_root() -> str:
+    """Where the tokenized entries live (module doc), read from the environment at each call."""
     env = os.environ.get("EVOTUNE_CACHE")
     if env:
         return os.path.join(env, "xtuner")
@@ -280,6 +281,10 @@ class _Stats:
     no_loss: int = 0  # no trained token (XTuner drops them)
     truncated: int = 0
     zero_targets: int = 0
+
+    def add(self, other: "_Stats") -> None:
+        for k, v in other.__dict__.items():
+            setattr(self, k, getattr(self, k) + v)
 
 
 def _cached(key_parts: dict, write: Callable[[str], _Stats]) -> tuple[str, dict]:
@@ -560,8 +565,7 @@ def load_intern_repo_untokenized_dataset(processed_dataset_dict_path=None, folde
         for rel, out in zip(rels, outputs):
             stats = _tokenize_records(_json_line_records(os.path.join(folder, rel)), os.path.join(tmp, out),
                                       recipe, max_length, workers=XTUNER_MAP_NUM_PROC)
-            for k, v in stats.__dict__.items():
-                setattr(total, k, getattr(total, k) + v)
+            total.add(stats)
         return total
 
     entry, stats = _cached(key, write)
@@ -578,7 +582,7 @@ def _processed_dict(path: str, where: str) -> FtdpFolder:
     if not os.path.isdir(path):
         raise EvotuneError(f"{where}: processed_dataset_dict_path {path} does not exist")
     saved = datasets.load_from_disk(path)
-    names = sorted(saved, key=lambda k: int(k) if str(k).isdigit() else str(k))
+    names = sorted(saved, key=lambda k: (0, int(k), "") if str(k).isdigit() else (1, 0, str(k)))  # XTuner: int
     files = sorted(os.path.join(root, f) for root, _, fs in os.walk(path) for f in fs)
     key = {"kind": "processed", "data": _file_key(files), "splits": names}
 
@@ -587,8 +591,7 @@ def _processed_dict(path: str, where: str) -> FtdpFolder:
         for name in names:
             stats = _tokenize_records(_dataset_records(saved[name], f"{path} [{name}]"),
                                       os.path.join(tmp, f"{_safe(name)}.bin"), _Recipe(None, tokenized=True), None)
-            for k, v in stats.__dict__.items():
-                setattr(total, k, getattr(total, k) + v)
+            total.add(stats)
         return total
 
     entry, stats = _cached(key, write)

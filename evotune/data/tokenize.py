@@ -268,6 +268,33 @@ def template_names() -> list[str]:
     return list(dict.fromkeys([*T.TEMPLATES, *T.PROMPT_TEMPLATE, T.TOKENIZER_TEMPLATE]))
 
 
+class _SpecialSplitter:
+    """For a bare sentencepiece model (no special-token parsing): the template's special-token spellings
+    the model knows (``<|im_start|>`` ...) become their ids, the text between them is encoded on its own,
+    as InternLM2's tokenizer splits text on its special tokens."""
+
+    def __init__(self, codec: SentencePieceCodec, template: dict):
+        text = "".join(v if isinstance(v, str) else "".join(v) for v in template.values() if isinstance(v, (str, list)))
+        self.ids = {sp: codec.token_id(sp) for sp in set(re.findall(r"<[^<>\s]+>", text))}
+        self.ids = {sp: i for sp, i in self.ids.items() if i is not None}
+        self.pattern = re.compile("(" + "|".join(map(re.escape, sorted(self.ids, key=len, reverse=True))) + ")") \
+            if self.ids else None
+        self.codec = codec
+
+    def encode(self, texts: list[str]) -> list[list[int]]:
+        if self.pattern is None:
+            return self.codec.encode_text(texts)
+        out = []
+        for text in texts:
+            parts = [p for p in self.pattern.split(text) if p]
+            plain = self.codec.encode_text([p for p in parts if p not in self.ids])
+            ids: list[int] = []
+            for part in parts:
+                ids += [self.ids[part]] if part in self.ids else plain.pop(0)
+            out.append(ids)
+        return out
+
+
 class _XTunerRecords:
     """XTuner's formats (evotune/data/xtuner_maps.py): ``conversation`` records, records of an XTuner
     dataset map function (``--map-fn``), and ``messages`` under an XTuner-only template (through
@@ -278,7 +305,10 @@ class _XTunerRecords:
         self.map_fn = X.dataset_map_fn_of(options.map_fn) if options.map_fn else None
         self.template_name = template
         self.template = X.template_map_fn_factory(template) if template in T.PROMPT_TEMPLATE else None
-        self.encode_text = codec.encode_markup  # XTuner's tokenizer.encode: special-token spellings are specials
+        # XTuner's tokenizer.encode: special-token spellings in the text are special tokens
+        self.encode_text = codec.encode_markup
+        if isinstance(codec, SentencePieceCodec) and template in T.PROMPT_TEMPLATE:
+            self.encode_text = _SpecialSplitter(codec, T.PROMPT_TEMPLATE[template]).encode
         tok = getattr(codec, "tok", None)
         self.bos = X.turn_bos(type(tok).__name__ if tok is not None else "", codec.bos_id)
         self.eos = [codec.eos_id] if codec.eos_id is not None else []
