@@ -94,3 +94,55 @@ def test_local_folder_wins_and_paths_are_not_hub_ids(offline_cache, tmp_path, mo
         assert hub.hub_id(path) is None, path
     with pytest.raises(EvotuneError, match="model path a/b/c does not exist"):
         load_model("a/b/c")
+
+
+DIST_SCRIPT = """
+import json, shutil, sys, time
+from pathlib import Path
+import torch.distributed as dist
+from evotune.model import hub
+rank, port, cache, files = int(sys.argv[1]), sys.argv[2], Path(sys.argv[3]), sys.argv[4]
+dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+real = hub.huggingface_hub.snapshot_download
+calls = []
+
+def download(repo, **kw):  # rank 0 'downloads': slowly writes the cache layout, then reads it
+    calls.append(kw["local_files_only"])
+    time.sleep(2)
+    entry = cache / "models--org--late"
+    shutil.copytree(files, entry / "snapshots" / "%s")
+    (entry / "refs").mkdir()
+    (entry / "refs" / "main").write_text("%s")
+    return real(repo, **{**kw, "local_files_only": True})
+
+if rank == 0:
+    hub.huggingface_hub.snapshot_download = download
+print(json.dumps({"path": str(hub.resolve("org/late")), "online_calls": calls}))
+dist.destroy_process_group()
+""" % (SHA, SHA)
+
+
+def test_rank0_downloads_while_the_others_wait(tmp_path, tiny_llama_dir):
+    """Online: only rank 0 downloads; rank 1 reads the cache only (local_files_only), after rank 0 is done."""
+    import json
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"}
+    env.update(PYTHONPATH=str(Path(__file__).resolve().parents[1]), HF_HUB_CACHE=str(tmp_path / "hub"))
+    (tmp_path / "hub").mkdir()
+    procs = [subprocess.Popen([sys.executable, "-c", DIST_SCRIPT, str(rank), str(port), str(tmp_path / "hub"),
+                               tiny_llama_dir], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+             for rank in range(2)]
+    results = []
+    for p in procs:
+        out, err = p.communicate(timeout=180)
+        assert p.returncode == 0, err[-2000:]
+        results.append(json.loads(out.strip().splitlines()[-1]))
+    snapshot = str(tmp_path / "hub" / "models--org--late" / "snapshots" / SHA)
+    assert results == [{"path": snapshot, "online_calls": [False]}, {"path": snapshot, "online_calls": []}]
