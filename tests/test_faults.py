@@ -524,6 +524,7 @@ def test_sigkill_at_ten_random_moments_then_resume_auto_is_bitwise(tmp_path, tin
                 continue
             assert result["code"] == 0, log[-3000:]  # the point was not reached before the end
             assert_bitwise_same(work, tmp_path / "reference"), kills
+            assert not list(work.glob(".tmp_*")) + list(work.glob(".old_*")) + list(work.glob("checkpoints/.tmp_*"))
             chains += 1
             work, resume = tmp_path / f"chain_{chains}", False
         if resume:
