@@ -1,0 +1,220 @@
+"""LoRA and QLoRA on a loaded causal LM, with peft and bitsandbytes (docs/lora.md).
+
+:func:`apply_lora` injects peft's LoRA layers into the model in place
+(``peft.inject_adapter_in_model``: the module tree and parameter names stay
+transformers' own plus ``lora_A/B.default``, so FSDP, activation checkpointing,
+compilation and DCP see the same model as in a full fine-tune) and freezes
+everything else. Without ``target_modules`` every linear layer of the decoder
+is adapted, lm_head excepted (XTuner's default); the chosen names are printed,
+with the trainable and frozen parameters and their bytes.
+
+:func:`quantize` is QLoRA's loading step: the decoder's linear layers become
+bitsandbytes ``Linear4bit`` (NF4 or FP4, double quantisation, compute dtype and
+quant storage as ``transformers.BitsAndBytesConfig`` says), quantised when
+moved to their device. evotune loads InternLM2 and InternEvo checkpoints with
+its own code (evotune/model/internlm2.py), not through
+``from_pretrained(quantization_config=...)``, so the layers are replaced here,
+the way transformers does it (lm_head and ``llm_int8_skip_modules`` stay).
+
+:func:`adapter_modules` gives the trained adapter as ``{module path: (A, B)}``
+in transformers' names and :func:`adapter_config` its PEFT config;
+evotune/checkpoint/adapter.py writes both in the base's layout.
+"""
+
+from __future__ import annotations
+
+import enum
+import importlib.util
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+
+from evotune.config import build
+from evotune.errors import EvotuneError
+from evotune.model.layers import decoder_layers
+
+ADAPTER_NAME = "default"
+# LoraConfig fields whose non-default values the export or the merge cannot carry
+_REFUSED = {"bias": ("none", "evotune exports LoRA matrices only; train biases with a full fine-tune"),
+            "modules_to_save": (None, "evotune exports LoRA matrices only"),
+            "use_dora": (False, "DoRA's magnitude vectors have no InternLM2 mapping or merge here"),
+            "fan_in_fan_out": (False, "only for GPT-2 style Conv1D layers, which evotune's models have none of"),
+            "lora_bias": (False, "evotune exports LoRA matrices only")}
+QLORA_INSTALL = "pip install 'evotune[qlora]' (or: pip install bitsandbytes)"
+
+
+def lora_config(spec):
+    """A ``peft.LoraConfig`` from a config's ``lora=dict(type=LoraConfig, ...)``, a plain dict or a LoraConfig."""
+    from peft import LoraConfig
+
+    if isinstance(spec, Mapping) and "type" not in spec:
+        spec = LoraConfig(**spec)
+    config = build(dict(spec)) if isinstance(spec, Mapping) else spec
+    if not isinstance(config, LoraConfig):
+        raise EvotuneError(f"lora={spec!r}: use dict(type=LoraConfig, r=..., lora_alpha=..., ...) (peft's LoraConfig)")
+    for key, (default, why) in _REFUSED.items():
+        if getattr(config, key) not in (default, "none") or (key == "modules_to_save" and config.modules_to_save):
+            raise EvotuneError(f"lora {key}={getattr(config, key)!r}: not supported ({why}); remove it")
+    return config
+
+
+def linear_layer_names(llm: nn.Module) -> dict[str, list[str]]:
+    """The decoder's linear layers: ``{last name: [module paths]}`` (lm_head is outside the decoder)."""
+    inside = {id(m) for layer in decoder_layers(llm, "LoRA targets their linear layers") for m in layer.modules()}
+    names: dict[str, list[str]] = {}
+    for path, module in llm.named_modules():
+        if id(module) in inside and _is_linear(module):
+            names.setdefault(path.rsplit(".", 1)[-1], []).append(path)
+    return names
+
+
+def _is_linear(module: nn.Module) -> bool:
+    if isinstance(module, nn.Linear):
+        return True
+    return type(module).__name__ in ("Linear4bit", "Linear8bitLt")
+
+
+def apply_lora(llm: nn.Module, spec, log=print):
+    """Inject LoRA into ``llm`` in place and freeze the rest; returns the ``LoraConfig`` used
+    (``target_modules`` resolved to the linear names adapted)."""
+    from peft import inject_adapter_in_model
+
+    config = lora_config(spec)
+    linears = linear_layer_names(llm)
+    listed = ", ".join(sorted(linears))
+    if config.target_modules is None:
+        config.target_modules = sorted(linears)
+        how = "all linear layers of the decoder (no target_modules given)"
+    elif isinstance(config.target_modules, str):  # a regex over module paths, as peft reads it
+        how = f"target_modules regex {config.target_modules!r}"
+    else:
+        unknown = sorted(set(config.target_modules) - set(linears))
+        if unknown:
+            raise EvotuneError(f"lora target_modules {unknown} match no linear layer of the model; its linear "
+                               f"layers are: {listed}")
+        how = "target_modules"
+    if config.target_modules == "all-linear":
+        config.target_modules = sorted(linears)
+    for p in llm.parameters():
+        p.requires_grad_(False)
+    try:
+        inject_adapter_in_model(config, llm, adapter_name=ADAPTER_NAME)
+    except ValueError as e:  # a regex matching nothing
+        raise EvotuneError(f"lora target_modules {config.target_modules!r}: {e}; the model's linear layers are: "
+                           f"{listed}") from e
+    adapted = sorted({path.rsplit(".", 1)[-1] for path, m in llm.named_modules() if hasattr(m, "lora_A")})
+    llm.enable_input_require_grads()  # peft's rule for checkpointed layers whose inputs are all frozen
+    if log:
+        log(f"evotune: LoRA r={config.r} alpha={config.lora_alpha} dropout={config.lora_dropout} on {how}: "
+            f"{', '.join(adapted)}")
+        log("evotune: " + parameter_summary(llm))
+    return config
+
+
+def parameter_summary(module: nn.Module) -> str:
+    """Trainable and frozen parameters and bytes (a 4-bit weight counts its stored bytes)."""
+    trainable = [p for p in module.parameters() if p.requires_grad]
+    frozen = [p for p in module.parameters() if not p.requires_grad]
+    n_t, n_f = sum(p.numel() for p in trainable), sum(_logical_numel(p) for p in frozen)
+    b_t, b_f = sum(p.nbytes for p in trainable), sum(p.nbytes for p in frozen)
+    share = 100 * n_t / max(n_t + n_f, 1)
+    return (f"trainable parameters {n_t:,} ({share:.3f}%, {b_t / 2**20:.1f} MiB), frozen {n_f:,} "
+            f"({b_f / 2**20:.1f} MiB)")
+
+
+def _logical_numel(p: torch.Tensor) -> int:
+    """A bitsandbytes 4-bit weight stores two values a byte: count the weight's own shape."""
+    state = getattr(p, "quant_state", None)
+    return int(torch.Size(state.shape).numel()) if state is not None else p.numel()
+
+
+def is_lora(llm: nn.Module) -> bool:
+    return any(hasattr(m, "lora_A") for m in llm.modules())
+
+
+def adapter_modules(state: Mapping[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """``{module path: (A, B)}`` from a (full or trainable-only) state dict in transformers' names."""
+    out: dict[str, dict[str, torch.Tensor]] = {}
+    for key, t in state.items():
+        for half in ("A", "B"):
+            tail = f".lora_{half}.{ADAPTER_NAME}.weight"
+            if key.endswith(tail):
+                out.setdefault(key[: -len(tail)], {})[half] = t
+    return {path: (h["A"], h["B"]) for path, h in out.items()}
+
+
+def _plain(value):
+    if isinstance(value, (set, frozenset)):
+        return sorted(value)
+    if isinstance(value, enum.Enum):
+        return value.value
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
+
+
+def adapter_config(config, base_model_name_or_path: str | None) -> dict:
+    """The ``adapter_config.json`` dict PEFT writes for ``config`` (a LoraConfig), inference mode on."""
+    out = {k: _plain(v) for k, v in config.to_dict().items()}
+    out.update(base_model_name_or_path=base_model_name_or_path, inference_mode=True, peft_type="LORA")
+    return out
+
+
+# --------------------------------------------------------------------------- QLoRA
+
+
+def quantization_config(spec):
+    """A ``transformers.BitsAndBytesConfig`` from its ``type=`` dict, a plain dict or itself."""
+    from transformers import BitsAndBytesConfig
+
+    if isinstance(spec, Mapping):
+        spec = build(dict(spec)) if "type" in spec else BitsAndBytesConfig(**spec)
+    if not isinstance(spec, BitsAndBytesConfig):
+        raise EvotuneError(f"quantization_config={spec!r}: use dict(type=BitsAndBytesConfig, load_in_4bit=True, ...)")
+    return spec
+
+
+def quantize(llm: nn.Module, spec, device=None) -> int:
+    """Replace the decoder's ``nn.Linear`` layers with bitsandbytes 4-bit ones (QLoRA); returns how many.
+
+    The weights are quantised when the layer reaches ``device`` (default: the
+    weight's own device, the CPU after loading), as bitsandbytes does on ``.to()``.
+    """
+    config = quantization_config(spec)
+    if config.load_in_8bit or not config.load_in_4bit:
+        raise EvotuneError("quantization_config: evotune trains QLoRA with load_in_4bit=True only "
+                           "(load_in_8bit is not supported); set load_in_4bit=True, load_in_8bit=False")
+    if config.llm_int8_enable_fp32_cpu_offload:
+        raise EvotuneError("quantization_config llm_int8_enable_fp32_cpu_offload=True: not supported; remove it")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise EvotuneError(f"quantization_config load_in_4bit=True needs bitsandbytes: {QLORA_INSTALL}")
+    import bitsandbytes as bnb
+
+    skip = set(config.llm_int8_skip_modules or ())
+    replaced = 0
+    for path, paths in linear_layer_names(llm).items():
+        if path in skip:
+            continue
+        for full in paths:
+            parent_path, _, name = full.rpartition(".")
+            parent = llm.get_submodule(parent_path)
+            old = getattr(parent, name)
+            if not isinstance(old, nn.Linear):
+                continue
+            new = bnb.nn.Linear4bit(old.in_features, old.out_features, bias=old.bias is not None,
+                                    compute_dtype=config.bnb_4bit_compute_dtype,
+                                    compress_statistics=config.bnb_4bit_use_double_quant,
+                                    quant_type=config.bnb_4bit_quant_type, quant_storage=config.bnb_4bit_quant_storage,
+                                    device="meta")
+            new.weight = bnb.nn.Params4bit(old.weight.data, requires_grad=False,
+                                           compress_statistics=config.bnb_4bit_use_double_quant,
+                                           quant_type=config.bnb_4bit_quant_type,
+                                           quant_storage=config.bnb_4bit_quant_storage, module=new)
+            if old.bias is not None:
+                new.bias = nn.Parameter(old.bias.data, requires_grad=False)
+            new.to(device if device is not None else old.weight.device)
+            setattr(parent, name, new)
+            replaced += 1
+    llm.is_loaded_in_4bit = True  # what peft checks to pick its 4-bit LoRA layer
+    return replaced
