@@ -340,32 +340,42 @@ def chat_data(tmp_path_factory) -> dict[str, str]:
 
 
 def _xtuner_options(name: str, small_folder: str, chat_data: dict) -> list[str]:
-    """Only paths, lengths and intervals: the data, 128-token packs, 4-token answers, saves and samples
-    every 2 iterations (XTuner's iterations: micro-batches)."""
+    """Only paths, lengths and intervals: the data, 128-token packs, 4-token answers, 6 iterations, saves
+    and samples every 2 iterations (XTuner's iterations: micro-batches; the alpaca config has 16 a step)."""
     common = {"max_length": 128, "max_new_tokens": 4, "save_steps": 2, "evaluation_freq": 2,
-              "dataloader_num_workers": 0}
+              "dataloader_num_workers": 0, "train_cfg.max_iters": 6}
     data = {"internevo": {"dataset_folder": small_folder}, "untokenized": {"dataset_folder": chat_data["untokenized"]},
             "tokenized": {"dataset_folder": small_folder},
             "custom": {"data_files": [chat_data["conversation"]]},
-            "alpaca": {"alpaca_en_path": chat_data["alpaca"], "save_steps": 32, "evaluation_freq": 32}}
+            "alpaca": {"alpaca_en_path": chat_data["alpaca"], "save_steps": 32, "evaluation_freq": 32,
+                       "train_cfg.max_iters": 48}}
     kind = next(k for k in data if k in name)
     return [f"{k}={v!r}" for k, v in {**common, **data[kind]}.items()]
 
 
-def _check_run(work: Path, cfg_path: Path, accumulation: int, steps: int | None = None):
+def _check_run(work: Path, settings, accumulation: int, hub_home: Path):
     """Trained, honoured the nested settings, wrote samples and an HF export that reloads."""
+    from safetensors.torch import load_file
+
     records = read_metrics(work)
-    settings = load_settings(str(cfg_path))
-    assert records and (steps is None or len(records) == steps)
+    steps = settings.schedule.max_steps
+    assert steps == 6 // accumulation if accumulation < 16 else steps == 3  # train_cfg.max_iters, in iterations
+    assert [r["step"] for r in records] == list(range(1, steps + 1))
     assert all(r["tokens"] == (i + 1) * accumulation * 128 for i, r in enumerate(records))  # 1 pack per micro-batch
-    kept = [s for s, _ in dcp.list_checkpoints(work / "checkpoints")]
-    assert len(kept) == min(2, len(kept)) and kept[-1] == len(records)  # save_total_limit = 2: max_keep_ckpts
+    # default_hooks.checkpoint: every interval (iterations -> steps), max_keep_ckpts = save_total_limit = 2
+    every = settings.checkpoint.interval
+    assert [s for s, _ in dcp.list_checkpoints(work / "checkpoints")] == sorted(
+        {*range(every, steps + 1, every), steps})[-2:]
     samples = [json.loads(line) for line in (work / "eval_samples.jsonl").read_text().splitlines()]
-    assert {s["input"] for s in samples} == set(settings.eval.inputs)  # EvaluateChatHook's evaluation_inputs
-    assert {s["step"] for s in samples} >= {0, len(records)}
-    reloaded = load_model(str(work / "hf"))
+    assert {s["input"] for s in samples} == set(settings.eval.inputs) == {
+        "请给我介绍五个上海的景点", "Please tell me five scenic spots in Shanghai"}  # EvaluateChatHook's inputs
+    assert sorted({s["step"] for s in samples}) == sorted({0, *range(settings.eval.freq, steps + 1,
+                                                                       settings.eval.freq), steps})
     assert json.loads((work / "hf" / "config.json").read_text())["model_type"] == "internlm2"
-    assert reloaded.config.vocab_size == 92544
+    assert load_model(str(work / "hf")).config.vocab_size == 92544  # the export reloads
+    start = load_file(next((hub_home / "hub").glob("models--internlm--internlm2-7b/snapshots/*/model.safetensors")))
+    trained = load_file(work / "hf" / "model.safetensors")
+    assert sorted(trained) == sorted(start) and not torch.equal(trained["output.weight"], start["output.weight"])
     return records
 
 
@@ -373,7 +383,7 @@ def _check_run(work: Path, cfg_path: Path, accumulation: int, steps: int | None 
     "internlm2_7b_w_internevo_dataset.py", "internlm2_7b_w_tokenized_dataset.py",
     "internlm2_7b_w_untokenized_dataset.py", "internlm2_7b_full_finetune_custom_dataset_e1.py",
     "internlm2_chat_7b_full_finetune_custom_dataset_e1.py", "internlm2_chat_1_8b_full_alpaca_e3.py"])
-def test_an_xtuner_config_trains_unchanged(config, offline, small_folder, chat_data, tmp_path, capsys):
+def test_an_xtuner_config_trains_unchanged(config, offline, hub_home, small_folder, chat_data, tmp_path, capsys):
     work = tmp_path / "work"
     opts = _xtuner_options(config, small_folder, chat_data)
     assert cli_main(["train", str(CONFIGS / config), "--work-dir", str(work), "--cfg-options", *opts]) == 0
@@ -381,15 +391,14 @@ def test_an_xtuner_config_trains_unchanged(config, offline, small_folder, chat_d
     assert "trust_remote_code=True: evotune loads internlm/internlm2" in out and "never runs remote code" in out
     assert "the first pack, decoded" in out  # DatasetInfoHook
     settings = load_settings(str(CONFIGS / config), opts)
-    records = _check_run(work, CONFIGS / config, settings.optim.accumulative_counts)
+    records = _check_run(work, settings, settings.optim.accumulative_counts, hub_home)
     if "alpaca" in config:  # AmpOptimWrapper(dtype='float16', loss_scale='dynamic'): scaled, overflows skipped
         assert settings.optim.accumulative_counts == 16 and all("loss_scale" in r for r in records)
         assert records[0]["loss_scale"] == 2.0 ** 16
         assert [r["skipped_steps"] for r in records] == list(np.cumsum([r["overflow"] for r in records]))
-    assert records[-1]["loss"] < records[0]["loss"]
 
 
-def test_the_sequence_parallel_config_trains_on_two_ranks(offline, chat_data, small_folder, tmp_path):
+def test_the_sequence_parallel_config_trains_on_two_ranks(offline, hub_home, chat_data, small_folder, tmp_path):
     """XTuner's *_sequence_parallel_4 config, with sequence_parallel_size=2 to fit two gloo ranks."""
     config = CONFIGS / "internlm2_7b_full_finetune_custom_dataset_e1_sequence_parallel_4.py"
     work = tmp_path / "work"
@@ -401,8 +410,7 @@ def test_the_sequence_parallel_config_trains_on_two_ranks(offline, chat_data, sm
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "2 process(es) on cpu, FSDP2 zero2" in proc.stdout
     # one sequence-parallel group of 2: dp 1, so each step is accumulative_counts (1 * sp 2 = 2) packs
-    records = _check_run(work, config, accumulation=2)
-    assert records[-1]["loss"] < records[0]["loss"]
+    _check_run(work, load_settings(str(config), opts), 2, hub_home)
 
 
 # --------------------------------------------------------------------------- XTuner's commands
