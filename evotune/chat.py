@@ -12,10 +12,13 @@ so the model sees exactly the format it was trained on.
 from __future__ import annotations
 
 import argparse
+import tempfile
+from pathlib import Path
 
 import torch
 from transformers import TextStreamer
 
+from evotune.convert import merge
 from evotune.errors import EvotuneError
 from evotune.model.load import load_model, load_tokenizer
 from evotune.train.evaluate import PromptEncoder, greedy_generate
@@ -26,6 +29,9 @@ EXIT_WORDS = ("/exit", "exit", "quit", "/quit")
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model_dir", metavar="MODEL_DIR",
                         help="a Hugging Face / InternLM2 directory or InternEvo checkpoint (e.g. <work_dir>/hf)")
+    parser.add_argument("--adapter", default=None, metavar="DIR",
+                        help="a PEFT LoRA adapter trained on MODEL_DIR (e.g. <work_dir>/hf_adapter): merged into it "
+                             "for the chat (evotune convert merge, into a temporary folder)")
     parser.add_argument("--template", default=None,
                         help="chat template: internlm2_chat, llama3, qwen2, or 'tokenizer' (the tokenizer's own "
                              "chat_template); default: the tokenizer's template if it has one, else plain text")
@@ -66,7 +72,12 @@ def load(args: argparse.Namespace):
     """(model, tokenizer) for the command's arguments."""
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = args.dtype or ("auto" if device.startswith("cuda") else "float32")
-    model = load_model(args.model_dir, dtype=dtype, device=device)
+    if args.adapter:  # merged in the base's layout, so an InternLM2 base's adapter fits (docs/lora.md)
+        with tempfile.TemporaryDirectory(prefix="evotune_chat_") as merged:
+            model = load_model(merge(args.model_dir, args.adapter, Path(merged) / "model"), dtype=dtype,
+                               device=device)
+    else:
+        model = load_model(args.model_dir, dtype=dtype, device=device)
     tokenizer = load_tokenizer(args.tokenizer or args.model_dir)
     if tokenizer is None:
         raise EvotuneError(f"{args.tokenizer or args.model_dir} holds no tokenizer files: pass --tokenizer DIR "

@@ -4,6 +4,10 @@
     evotune convert hf2internevo SRC DST --tp N --pp M [--dtype ...]
     evotune convert pth_to_hf WORK_DIR_OR_CKPT DST [--save-format ...]
     evotune convert pth_to_hf CONFIG CKPT SAVE_DIR [--fp32]       (XTuner's order: float16 unless --fp32)
+    evotune convert merge BASE ADAPTER OUT [--dtype ...] [--max-shard-size 5GB]   (base + LoRA adapter)
+
+``pth_to_hf`` on a LoRA run's checkpoint writes its PEFT adapter directory
+(docs/lora.md); ``merge`` writes base + adapter in the base's own layout.
 
 The command sits above the formats it joins (:mod:`evotune.checkpoint`) and
 needs no model: every conversion streams tensors through plans
@@ -22,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from evotune.checkpoint.adapter import export_adapter, merge_into_plan, read_adapter
 from evotune.checkpoint.dcp import HF_CONFIG, TRAINER_STATE, checkpoints_dir, list_checkpoints, model_plan
 from evotune.checkpoint.hf import DEFAULT_SHARD_BYTES, LazyWeights, export_plan, write_hf_dir
 from evotune.checkpoint.internevo import InternEvoCheckpoint, config_for_json, write_internevo
@@ -35,6 +40,7 @@ from evotune.checkpoint.source import ModelSource, detect_format, read_config_js
 from evotune.dtypes import dtype_name, parse_dtype
 from evotune.errors import EvotuneError
 from evotune.model import hub
+from evotune.model.lora import adapter_modules
 from evotune.settings import load_settings
 from evotune.xtuner_compat import tokenizer_path
 
@@ -92,6 +98,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="XTuner's flag, accepted: evotune always writes safetensors")
     c.add_argument("--cfg-options", nargs="+", default=[], metavar="KEY=VALUE",
                    help="with CONFIG: overrides, as for evotune train")
+    d = sub.add_parser("merge", help="base model + PEFT LoRA adapter -> merged model in the base's layout")
+    d.add_argument("base", help="the base model folder (Hugging Face or InternLM2) the adapter was trained on")
+    d.add_argument("adapter", help="the PEFT adapter folder (e.g. <work_dir>/hf_adapter)")
+    d.add_argument("out", help="output folder (must be new or empty, unless --overwrite)")
+    d.add_argument("--dtype", default=None, help="cast floating weights (default: the base's)")
+    d.add_argument("--max-shard-size", default="5GB", help="largest safetensors file (default 5GB)")
+    d.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
     c.add_argument("--model", default=None,
                    help="the model folder the training started from (default: the checkpoint's hf_config.json "
                         "and trainer_state.json)")
@@ -109,6 +122,9 @@ def main(args: argparse.Namespace) -> int:
                            ffn_layout=args.ffn_layout, max_position_embeddings=args.max_position_embeddings,
                            rope_scaling=scaling, tokenizer_path=args.tokenizer,
                            max_shard_bytes=parse_size(args.max_shard_size), overwrite=args.overwrite)
+    elif args.direction == "merge":
+        out = merge(args.base, args.adapter, args.out, dtype=dtype, max_shard_bytes=parse_size(args.max_shard_size),
+                    overwrite=args.overwrite)
     elif args.direction == "hf2internevo":
         out = hf2internevo(args.src, args.dst, tp=args.tp, pp=args.pp, dtype=dtype, overwrite=args.overwrite)
     else:
@@ -251,6 +267,33 @@ def pth_to_hf(src, dst, *, model_path=None, save_format: str | None = None, dtyp
     """
     step_dir = find_training_checkpoint(src)
     source, config = _source_for(step_dir, model_path)
+    lora = json.loads((step_dir / TRAINER_STATE).read_text()).get("lora") if (step_dir / TRAINER_STATE).is_file() \
+        else None
+    if lora:  # a LoRA run's checkpoint holds the adapter only: write it as a PEFT directory
+        modules = adapter_modules({k: p.load() for k, p in model_plan(str(step_dir)).items()})
+        cfg = config if isinstance(config, dict) else config.to_dict()
+        return export_adapter(modules, lora, dst, source_format=source.format if source else None,
+                              heads=cfg["num_attention_heads"],
+                              kv_heads=cfg.get("num_key_value_heads") or cfg["num_attention_heads"],
+                              save_format=save_format, overwrite=overwrite)
     return export_plan(model_plan(str(step_dir)), config, dst, source=source, save_format=save_format, dtype=dtype,
                        tokenizer_path=tokenizer_path, overwrite=overwrite,
                        max_shard_bytes=max_shard_bytes or DEFAULT_SHARD_BYTES)
+
+
+def merge(base, adapter, out, *, dtype=None, max_shard_bytes: int | None = None, overwrite: bool = False) -> Path:
+    """Base + PEFT LoRA adapter -> a folder in the base's own layout (an InternLM2 base stays InternLM2: its
+    adapter is in InternLM2 names, evotune/checkpoint/adapter.py), streamed one tensor at a time
+    (XTuner's ``xtuner convert merge``)."""
+    base = Path(hub.resolve(base))
+    fmt = detect_format(base)
+    if fmt == "internevo":
+        raise EvotuneError(f"{base}: an InternEvo checkpoint; convert it with 'evotune convert internevo2hf' first "
+                           "and merge the adapter into that folder")
+    modules, config = read_adapter(adapter)
+    plan = merge_into_plan(LazyWeights(base).plan(), modules, config, where=str(adapter))
+    extra = tuple(sorted(base.glob("*.py")))  # an InternLM2 base's remote code, if it had it
+    gen = base / "generation_config.json"
+    return write_hf_dir(plan, read_config_json(base), out, dtype=dtype, extra_files=extra + ((gen,) if gen.is_file()
+                        else ()), tokenizer_path=base, overwrite=overwrite,
+                        max_shard_bytes=max_shard_bytes or DEFAULT_SHARD_BYTES)

@@ -172,3 +172,20 @@ def merge_into_plan(plan: dict[str, Planned], modules: dict[str, tuple[torch.Ten
 
         out[key] = Planned(p.shape, p.dtype, load)
     return out
+
+
+def export_adapter(modules: dict[str, tuple[torch.Tensor, torch.Tensor]], config: dict, out_dir, *,
+                   source_format: str | None, heads: int, kv_heads: int, save_format: str | None = None,
+                   overwrite: bool = False) -> Path:
+    """Write a trained adapter (transformers' Llama names) in the layout its base came in: InternLM2
+    names for an InternLM2 or InternEvo source (``save_format='huggingface'``: Llama names), else as is.
+
+    An InternEvo source has no Hugging Face folder for peft to load: the adapter
+    fits that checkpoint converted with ``evotune convert internevo2hf`` (docs/lora.md).
+    """
+    fmt = save_format or ("internlm2" if source_format in ("internlm2", "internevo") else "huggingface")
+    if fmt == "internlm2":
+        modules, config = to_internlm2(modules, config, heads, kv_heads)
+    elif fmt != "huggingface":
+        raise EvotuneError(f"unknown save format {save_format!r}: use internlm2 or huggingface")
+    return write_adapter(modules, config, out_dir, overwrite=overwrite)

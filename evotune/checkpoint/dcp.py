@@ -9,7 +9,8 @@ Layout of ``<work_dir>/checkpoints/step_<N>/`` (N = optimizer steps done)::
     hf_config.json                 the transformers config of the trained model
     rng/rank_<r>.pt                python, numpy, torch CPU (and CUDA) RNG states of rank r
 
-``model`` holds the parameters of ``SupervisedFinetune`` under their full names
+``model`` holds the trained parameters of ``SupervisedFinetune`` (all of them, or a LoRA adapter's
+only: frozen ones are not saved) under their full names
 (``llm.`` + the transformers name: ``llm.model.layers.0.self_attn.q_proj.weight``,
 ``llm.lm_head.weight``), fp32, each stored once however it was sharded;
 ``optimizer`` is ``get_optimizer_state_dict``'s layout (``state.<param name>.exp_avg``
@@ -42,8 +43,8 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
-from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_state_dict, set_model_state_dict,
-                                                     set_state_dict)
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
+                                                     set_model_state_dict, set_state_dict)
 from torch.distributed.checkpoint.state_dict_loader import _load_state_dict_from_keys
 from torch.distributed.tensor import DTensor
 
@@ -56,6 +57,9 @@ CHECKPOINTS = "checkpoints"
 TRAINER_STATE = "trainer_state.json"
 HF_CONFIG = "hf_config.json"
 _STEP_DIR = re.compile(r"step_(\d+)")
+# frozen parameters (a LoRA run's base model, evotune/model/lora.py) are not saved: they are the base's,
+# loaded again from it on resume, so a LoRA checkpoint holds the adapter and its optimizer state only
+TRAINED_ONLY = StateDictOptions(ignore_frozen_params=True)
 
 
 def checkpoints_dir(work_dir: str) -> str:
@@ -187,7 +191,7 @@ def save_checkpoint(root: str, step: int, *, model, optimizer, scheduler, train_
     """
     rank = _rank()
     final = os.path.join(root, f"step_{step}")
-    model_sd, optim_sd = get_state_dict(model, optimizer)
+    model_sd, optim_sd = get_state_dict(model, optimizer, options=TRAINED_ONLY)
     with AtomicDir(final, overwrite=True, collective=True, need_bytes=_save_bytes(root, model_sd, optim_sd)) as tmp:
         os.makedirs(tmp / "rng", exist_ok=True)
         with _single_process_quiet():
@@ -224,7 +228,7 @@ def load_checkpoint(path: str, *, model, optimizer, scheduler) -> dict:
     training.
     """
     state = read_trainer_state(path)
-    model_sd, optim_sd = get_state_dict(model, optimizer)
+    model_sd, optim_sd = get_state_dict(model, optimizer, options=TRAINED_ONLY)
     loaded = {"model": model_sd, "optimizer": optim_sd}
     _check_fits(path, loaded)
     try:

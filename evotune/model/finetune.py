@@ -24,6 +24,7 @@ from evotune.model.attention import register as register_varlen
 from evotune.errors import EvotuneError
 from evotune.model.checkpointing import normalize_mode
 from evotune.model.kernels import FUSED_KERNELS
+from evotune.model.lora import apply_lora
 from evotune.model.loss import DEFAULT_CHUNK_TOKENS, chunked_cross_entropy
 
 
@@ -40,6 +41,8 @@ class SupervisedFinetune(nn.Module):
     ``torch.compile`` options; compiles each decoder layer (:mod:`evotune.model.compile`).
     ``fused_kernels``: ``'auto'`` (the default), ``'liger'``, ``'inductor'`` or ``'none'``
     (:mod:`evotune.model.kernels`). All three are stored here and applied by ``parallelize``.
+    ``lora``: ``dict(type=LoraConfig, r=..., ...)`` trains a LoRA adapter on the frozen ``llm``
+    (:mod:`evotune.model.lora`, docs/lora.md); ``self.lora_config`` is the LoraConfig applied.
     """
 
     def __init__(
@@ -51,9 +54,11 @@ class SupervisedFinetune(nn.Module):
         fused_kernels: str = "auto",
         loss_chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
         label_smoothing: float = 0.0,
+        lora=None,
     ):
         super().__init__()
         self.llm = build(llm)
+        self.lora_config = apply_lora(self.llm, lora) if lora is not None else None
         self.use_varlen_attn = use_varlen_attn
         self.loss_chunk_tokens = loss_chunk_tokens
         self.label_smoothing = label_smoothing

@@ -31,6 +31,7 @@ from evotune.checkpoint.source import ModelSource, detect_format, read_config_js
 from evotune.dtypes import parse_dtype
 from evotune.errors import EvotuneError
 from evotune.model.hub import resolve
+from evotune.model.lora import quantize
 from evotune.model.internlm2 import InternLM2Tokenizer, load_internevo, load_internlm2
 
 
@@ -55,12 +56,14 @@ def _load_hf(p: Path, dtype: torch.dtype | None) -> torch.nn.Module:
     return model
 
 
-def load_model(path, dtype=None, device=None) -> torch.nn.Module:
+def load_model(path, dtype=None, device=None, quantization_config=None) -> torch.nn.Module:
     """Load a causal LM (a transformers ``PreTrainedModel``) from a HF, InternLM2 or InternEvo directory.
 
     ``dtype``: a torch dtype or a name ('bfloat16', 'float32', 'auto'); None or
     'auto' keeps the checkpoint's dtype (its config's, else its weights').
     ``device``: where the parameters go (default CPU).
+    ``quantization_config``: a ``BitsAndBytesConfig`` (or its ``type=`` dict) with ``load_in_4bit``:
+    the decoder's linear layers become 4-bit for QLoRA (:func:`evotune.model.lora.quantize`).
     """
     p = Path(resolve(path))
     fmt = detect_format(p)
@@ -72,6 +75,8 @@ def load_model(path, dtype=None, device=None) -> torch.nn.Module:
         config = read_config_json(p)
     if fmt != "hf" and (p / "generation_config.json").is_file():
         model.generation_config = GenerationConfig.from_pretrained(p)
+    if quantization_config is not None:
+        quantize(model, quantization_config)
     if device is not None:
         model = model.to(device)
     model.eval()

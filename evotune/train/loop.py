@@ -44,6 +44,7 @@ import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
 from evotune.checkpoint import dcp
+from evotune.checkpoint.adapter import export_adapter
 from evotune.checkpoint.checkpointer import Checkpointer, Resumed, TrainState
 from evotune.checkpoint.hf import save_hf
 from evotune.checkpoint.source import ModelSource
@@ -55,6 +56,7 @@ from evotune.data.loader import StepLoader
 from evotune.dtypes import dtype_name, parse_dtype
 from evotune.errors import EvotuneError
 from evotune.model import hub
+from evotune.model.lora import adapter_config, adapter_modules
 from evotune.parallel.env import DistEnv
 from evotune.parallel.fsdp import clip_grad_norm_, parallelize, set_micro_batch, strategy_for
 from evotune.parallel.mesh import ParallelMesh, build_mesh
@@ -142,6 +144,10 @@ def _build_model(settings: Settings, dataset, pmesh: ParallelMesh, strategy, env
     heads = llm.config.num_attention_heads
     check_heads(heads, getattr(llm.config, "num_key_value_heads", None) or heads, pmesh.sp_size,
                 where=f"model '{settings.model.path}'")
+    if getattr(llm, "is_loaded_in_4bit", False) and pmesh.mesh is not None:
+        raise EvotuneError("QLoRA (quantization_config load_in_4bit) runs in one process without FSDP: FSDP2 here "
+                           "does not shard bitsandbytes 4-bit weights (docs/lora.md); train LoRA without "
+                           "quantization_config to shard, or QLoRA with one CPU process")
     export_dtype = next(p.dtype for p in llm.parameters() if p.is_floating_point())
     dtype = compute_dtype(settings, env.device)
     flops = (M.matmul_params(llm), *M.attention_dim(llm))
@@ -188,6 +194,7 @@ def _train(s: Settings, env: DistEnv, stop: StopSignals) -> dict:
         meta={"world_size": env.world_size, "dp_size": pmesh.dp_size, "sp_size": pmesh.sp_size,
               "strategy": strategy.name if pmesh.mesh is not None else "none",
               "model_source": ModelSource.of(m.llm), "optimizer": type(optimizer).__name__,
+              "lora": _lora_record(m.module),
               "data_fingerprint": f"{dataset.folder.fingerprint()}:{dataset.packed_length}:{len(dataset)}"})
     resumed = checkpointer.resume(s.runtime.resume, data_changed_ok=s.runtime.resume_data_changed)
     state = resumed.state if resumed else TrainState()
@@ -265,8 +272,12 @@ def _train(s: Settings, env: DistEnv, stop: StopSignals) -> dict:
         if visualizer:
             visualizer.close()
 
-    hf_dir = os.path.join(work_dir, "hf")
-    _export(m, s, hf_dir, env)
+    if getattr(m.module, "lora_config", None) is not None:
+        hf_dir = os.path.join(work_dir, "hf_adapter")
+        _export_adapter(m, s, hf_dir, env)
+    else:
+        hf_dir = os.path.join(work_dir, "hf")
+        _export(m, s, hf_dir, env)
     return {"final_loss": last_loss, "steps": state.step, "hf_dir": hf_dir, "metrics": metrics_path,
             "checkpoint": checkpointer.path(state.step)}
 
@@ -398,6 +409,32 @@ def _train_step(model, micro_batches: list[dict], env: DistEnv, pmesh: ParallelM
         tokens += mb["num_tokens"]
         doc_lengths.extend(mb["doc_lengths"].tolist())
     return float(total), tokens, doc_lengths
+
+
+def _lora_record(module) -> dict | None:
+    """The adapter_config.json of a LoRA run (trainer_state.json's ``lora``: ``convert pth_to_hf`` writes the
+    adapter from it), None for a full fine-tune."""
+    config = getattr(module, "lora_config", None)
+    if config is None:
+        return None
+    source = ModelSource.of(module.llm)
+    return adapter_config(config, source.path if source else None)
+
+
+def _export_adapter(m: _Model, s: Settings, out_dir: str, env: DistEnv) -> None:
+    """Gather the adapter (rank 0, CPU) and write it as a PEFT directory in the base's layout (docs/lora.md)."""
+    state = get_model_state_dict(m.module, options=StateDictOptions(full_state_dict=True, ignore_frozen_params=True,
+                                                                  cpu_offload=dist.is_initialized()))
+    if env.is_main:
+        source = ModelSource.of(m.llm)
+        config = m.llm.config
+        export_adapter(adapter_modules({k.removeprefix("llm."): v for k, v in state.items()}),
+                       _lora_record(m.module), out_dir, source_format=source.format if source else None,
+                       heads=config.num_attention_heads,
+                       kv_heads=getattr(config, "num_key_value_heads", None) or config.num_attention_heads,
+                       save_format=s.checkpoint.save_format, overwrite=True)
+    if dist.is_initialized():
+        dist.barrier()
 
 
 def _export(m: _Model, s: Settings, hf_dir: str, env: DistEnv) -> None:

@@ -1,0 +1,315 @@
+"""LoRA and QLoRA (evotune/model/lora.py, evotune/checkpoint/adapter.py): training, export, merge, refusals."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+
+from evotune.checkpoint import dcp
+from evotune.checkpoint.adapter import read_adapter
+from evotune.cli import main as cli_main
+from evotune.convert import merge
+from evotune.data.collate import model_inputs, packed_collate
+from evotune.model.finetune import SupervisedFinetune
+from evotune.model.load import load_model
+from evotune.model.lora import apply_lora
+from tests.conftest import whole_document_pack
+from tests.test_model_internlm2 import make_internlm2
+from tests.test_train import write_config
+
+LORA = "dict(type=LoraConfig, r=4, lora_alpha=8, lora_dropout=0.0, bias='none', task_type='CAUSAL_LM')"
+
+
+def lora_config_file(tmp_path: Path, model: str, data: str, lora: str = LORA, llm_extra: str = "", **kw) -> str:
+    """tests/test_train.py's config with ``lora=`` on the model (and extra load_model arguments)."""
+    path = Path(write_config(tmp_path, model, data, **kw))
+    text = path.read_text().replace(
+        "llm=dict(type=load_model, path=pretrained_model_name_or_path, dtype='float32'))",
+        f"llm=dict(type=load_model, path=pretrained_model_name_or_path, dtype='float32'{llm_extra}),\n"
+        f"             lora={lora})")
+    path.write_text("from peft import LoraConfig\nfrom transformers import BitsAndBytesConfig\nimport torch\n" + text)
+    return str(path)
+
+
+def _metrics(work: Path) -> list[dict]:
+    return [json.loads(line) for line in (work / "metrics.jsonl").read_text().splitlines()]
+
+
+def _randomise_lora_b(model: torch.nn.Module, seed: int = 0) -> None:
+    """peft starts B at zero (the adapter is a no-op); tests need an adapter that changes the model."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
+
+
+def _lora_model(path: str) -> SupervisedFinetune:
+    model = SupervisedFinetune(load_model(path, dtype="float32"), activation_checkpointing=False,
+                               torch_compile=False, fused_kernels="none",
+                               lora=dict(r=4, lora_alpha=8, lora_dropout=0.0, task_type="CAUSAL_LM"))
+    _randomise_lora_b(model)
+    return model
+
+
+def _loss_and_grads(model, docs: list[list[int]]):
+    model.zero_grad(set_to_none=True)
+    batch = packed_collate([whole_document_pack(docs)], "pack")
+    loss = model(**model_inputs(batch, torch.device("cpu")))
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_packed_rows_equal_documents_one_by_one(tiny_llama_dir):
+    model = _lora_model(tiny_llama_dir)
+    rng = np.random.RandomState(0)
+    docs = [rng.randint(3, 128, n).tolist() for n in (7, 19, 12)]
+    packed_loss, packed = _loss_and_grads(model, docs)
+    # pack weights: each supervised token 1/len of the row; documents alone are re-weighted to the row's
+    total = sum(len(d) - 1 for d in docs)
+    alone_loss, alone = 0.0, {n: torch.zeros_like(g) for n, g in packed.items()}
+    for d in docs:
+        loss, grads = _loss_and_grads(model, [d])
+        share = (len(d) - 1) / total
+        alone_loss += loss * share
+        for n, g in grads.items():
+            alone[n] += g * share
+    assert abs(float(packed_loss - alone_loss)) < 1e-6
+    assert set(packed) == {n for n, _ in model.named_parameters() if "lora_" in n}
+    for n in packed:
+        torch.testing.assert_close(packed[n], alone[n], rtol=1e-5, atol=1e-7)
+    assert any(float(g.abs().max()) > 1e-4 for n, g in packed.items() if "lora_A" in n)
+
+
+def test_target_modules_matching_nothing_lists_the_linear_layers(tmp_path, tiny_llama_dir, small_folder, capsys):
+    lora = "dict(type=LoraConfig, r=4, target_modules=['wqkv', 'q_proj'])"
+    cfg = lora_config_file(tmp_path, tiny_llama_dir, small_folder, lora=lora, steps=1)
+    assert cli_main(["train", cfg, "--work-dir", str(tmp_path / "w")]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("evotune")]
+    assert err == ["evotune: error: lora target_modules ['wqkv'] match no linear layer of the model; its linear "
+                   "layers are: down_proj, gate_proj, k_proj, o_proj, q_proj, up_proj, v_proj"]
+
+
+def test_refused_lora_options_say_why():
+    from evotune.errors import EvotuneError
+    from evotune.model.lora import lora_config
+
+    with pytest.raises(EvotuneError, match="bias='all'"):
+        lora_config(dict(r=4, bias="all"))
+    with pytest.raises(EvotuneError, match="use_dora"):
+        lora_config(dict(r=4, use_dora=True))
+
+
+@pytest.fixture(scope="module")
+def lora_run(tmp_path_factory, tiny_llama_dir, small_folder):
+    tmp = tmp_path_factory.mktemp("lora_run")
+    cfg = lora_config_file(tmp, tiny_llama_dir, small_folder, steps=12, lr=3e-2)
+    work = tmp / "work"
+    assert cli_main(["train", cfg, "--work-dir", str(work)]) == 0
+    return work
+
+
+def test_lora_trains_only_the_adapter_and_checkpoints_it_alone(lora_run, tiny_llama_dir):
+    rows = _metrics(lora_run)
+    assert len(rows) == 12 and np.mean([r["loss"] for r in rows[-3:]]) < rows[0]["loss"] - 0.05
+    step = dcp.list_checkpoints(dcp.checkpoints_dir(str(lora_run)))[-1][1]
+    saved = dcp.read_model_state(step)
+    assert saved and all(".lora_A." in k or ".lora_B." in k for k in saved)
+    assert len(saved) == 2 * 7 * 2  # A and B of 7 linear layers in 2 decoder layers
+    assert any(float(t.abs().max()) > 0 for k, t in saved.items() if "lora_B" in k)
+    state = json.loads((Path(step) / "trainer_state.json").read_text())
+    assert state["lora"]["r"] == 4 and state["lora"]["target_modules"] == [
+        "down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
+    # the base is untouched: the model trained = base + the saved adapter, exactly
+    base = load_model(tiny_llama_dir, dtype="float32")
+    trained = load_model(tiny_llama_dir, dtype="float32")
+    apply_lora(trained, dict(r=4, lora_alpha=8, lora_dropout=0.0), log=None)
+    missing, unexpected = trained.load_state_dict(saved, strict=False)
+    assert not unexpected and all("lora_" not in k for k in missing)
+    for (name, p), (_, q) in zip(base.named_parameters(), trained.base_model.named_parameters()):
+        pass
+    base_sd = base.state_dict()
+    for k, v in trained.state_dict().items():
+        plain = k.replace(".base_layer", "")
+        if "lora_" not in k:
+            assert torch.equal(v, base_sd[plain]), k
+
+
+def _evotune_lora_logits(base_dir: str, step_dir: str, ids: torch.Tensor) -> torch.Tensor:
+    model = load_model(base_dir, dtype="float32")
+    apply_lora(model, dict(r=4, lora_alpha=8, lora_dropout=0.0), log=None)
+    model.load_state_dict(dcp.read_model_state(step_dir), strict=False)
+    with torch.no_grad():
+        return model(ids).logits
+
+
+def test_exported_adapter_loads_in_peft_and_merges(lora_run, tiny_llama_dir, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    adapter = lora_run / "hf_adapter"
+    assert sorted(p.name for p in adapter.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    step = dcp.list_checkpoints(dcp.checkpoints_dir(str(lora_run)))[-1][1]
+    ids = torch.randint(3, 128, (2, 17))
+    ours = _evotune_lora_logits(tiny_llama_dir, step, ids)
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
+    with torch.no_grad():
+        plain = base(ids).logits
+        peft_logits = PeftModel.from_pretrained(base, str(adapter)).eval()(ids).logits
+    assert float((ours - plain).abs().max()) > 1e-3  # the adapter changes the model
+    torch.testing.assert_close(peft_logits, ours, rtol=0, atol=1e-5)
+
+    assert cli_main(["convert", "merge", tiny_llama_dir, str(adapter), str(tmp_path / "merged")]) == 0
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32)
+    with torch.no_grad():
+        torch.testing.assert_close(merged(ids).logits, ours, rtol=0, atol=1e-5)
+    # pth_to_hf on the LoRA work dir writes the same adapter
+    assert cli_main(["convert", "pth_to_hf", str(lora_run), str(tmp_path / "again")]) == 0
+    again, _ = read_adapter(tmp_path / "again")
+    first, _ = read_adapter(adapter)
+    assert again.keys() == first.keys() and all(torch.equal(again[k][1], first[k][1]) for k in first)
+
+
+# ---------------------------------------------------------------- InternLM2 base: adapter in InternLM2 names
+
+
+class _InternLM2Reference(torch.nn.Module):
+    """InternLM2's forward in its own module names (attention.wqkv grouped per kv head, wo,
+    feed_forward.w1/w2/w3), written from its published modelling code, so that peft can load an
+    InternLM2-named adapter onto it (its remote code does not run on transformers 5)."""
+
+    def __init__(self, path: Path):
+        super().__init__()
+        cfg = json.loads((path / "config.json").read_text())
+        self.cfg = cfg
+        from transformers import PretrainedConfig
+
+        self.config = PretrainedConfig(**cfg)  # what peft's wrapper reads (model_type, tie_word_embeddings)
+        H, V = cfg["hidden_size"], cfg["vocab_size"]
+        self.heads, self.kv = cfg["num_attention_heads"], cfg["num_key_value_heads"]
+        self.d = H // self.heads
+        rows = (self.heads + 2 * self.kv) * self.d
+        lin = lambda i, o: torch.nn.Linear(i, o, bias=False)  # noqa: E731
+        self.model = torch.nn.Module()
+        self.model.tok_embeddings = torch.nn.Embedding(V, H)
+        self.model.layers = torch.nn.ModuleList()
+        for _ in range(cfg["num_hidden_layers"]):
+            layer = torch.nn.Module()
+            layer.attention = torch.nn.Module()
+            layer.attention.wqkv, layer.attention.wo = lin(H, rows), lin(H, H)
+            layer.feed_forward = torch.nn.Module()
+            inter = cfg["intermediate_size"]
+            layer.feed_forward.w1, layer.feed_forward.w3, layer.feed_forward.w2 = lin(H, inter), lin(H, inter), \
+                lin(inter, H)
+            layer.attention_norm = torch.nn.Parameter(torch.ones(H))
+            layer.ffn_norm = torch.nn.Parameter(torch.ones(H))
+            self.model.layers.append(layer)
+        self.model.norm = torch.nn.Parameter(torch.ones(H))
+        self.output = lin(H, V)
+        sd = load_file(path / "model.safetensors")
+        sd = {k.replace("attention_norm.weight", "attention_norm").replace("ffn_norm.weight", "ffn_norm")
+              .replace("model.norm.weight", "model.norm"): v for k, v in sd.items()}
+        self.load_state_dict(sd)
+
+    def prepare_inputs_for_generation(self, input_ids, **kwargs):
+        """peft's causal-LM wrapper (task_type CAUSAL_LM) requires it; these tests do not generate."""
+        return {"input_ids": input_ids}
+
+    def _norm(self, x, w):
+        return w * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.cfg["rms_norm_eps"]))
+
+    def forward(self, input_ids, **unused):  # peft's wrapper passes attention_mask=None etc.
+        ids = input_ids
+        T = ids.shape[1]
+        inv = 1.0 / (self.cfg["rope_theta"] ** (torch.arange(0, self.d, 2).float() / self.d))
+        ang = torch.outer(torch.arange(T).float(), inv)
+        cos, sin = torch.cat([ang, ang], -1).cos(), torch.cat([ang, ang], -1).sin()
+
+        def rope(x):
+            x1, x2 = x[..., : self.d // 2], x[..., self.d // 2:]
+            return x * cos + torch.cat([-x2, x1], -1) * sin
+
+        h = self.model.tok_embeddings(ids)
+        g = self.heads // self.kv
+        for layer in self.model.layers:
+            x = self._norm(h, layer.attention_norm)
+            qkv = layer.attention.wqkv(x).view(*x.shape[:2], self.kv, g + 2, self.d)
+            q = qkv[..., :g, :].reshape(*x.shape[:2], self.heads, self.d).transpose(1, 2)
+            k = qkv[..., g, :].transpose(1, 2).repeat_interleave(g, 1)
+            v = qkv[..., g + 1, :].transpose(1, 2).repeat_interleave(g, 1)
+            att = F.scaled_dot_product_attention(rope(q), rope(k), v, is_causal=True)
+            h = h + layer.attention.wo(att.transpose(1, 2).reshape(*x.shape))
+            x = self._norm(h, layer.ffn_norm)
+            ff = layer.feed_forward
+            h = h + ff.w2(F.silu(ff.w1(x)) * ff.w3(x))
+        return self.output(self._norm(h, self.model.norm))
+
+
+def test_internlm2_adapter_in_internlm2_names_loads_in_peft_and_merges(tmp_path, small_folder):
+    from peft import PeftModel
+
+    base = make_internlm2(tmp_path / "base", hidden_size=64, intermediate_size=96, num_attention_heads=8,
+                          num_key_value_heads=2, vocab_size=128, max_position_embeddings=128)
+    reference = _InternLM2Reference(base)
+    ids = torch.randint(3, 128, (2, 13))
+    with torch.no_grad():  # the reference is InternLM2: it gives evotune's (Llama-loaded) logits
+        torch.testing.assert_close(reference(ids), load_model(base)(ids).logits, rtol=0, atol=1e-5)
+    cfg = lora_config_file(tmp_path, str(base), small_folder, steps=4, lr=3e-2)
+    work = tmp_path / "work"
+    assert cli_main(["train", cfg, "--work-dir", str(work)]) == 0
+    adapter = work / "hf_adapter"
+    modules, config = read_adapter(adapter)
+    assert sorted(config["target_modules"]) == ["w1", "w2", "w3", "wo", "wqkv"]
+    wqkv = modules["model.layers.0.attention.wqkv"]
+    assert wqkv[0].shape == (12, 64) and wqkv[1].shape == ((8 + 4) * 8, 12)  # rank 3r, grouped rows
+    assert config["rank_pattern"] == {"attention.wqkv": 12} and config["alpha_pattern"] == {"attention.wqkv": 24}
+    step = dcp.list_checkpoints(dcp.checkpoints_dir(str(work)))[-1][1]
+    ours = _evotune_lora_logits(str(base), step, ids)
+    with torch.no_grad():
+        assert float((ours - reference(ids)).abs().max()) > 1e-4
+        peft_logits = PeftModel.from_pretrained(reference, str(adapter)).eval()(ids)
+    torch.testing.assert_close(peft_logits, ours, rtol=0, atol=1e-5)
+
+    merged = merge(str(base), str(adapter), tmp_path / "merged")
+    assert json.loads((merged / "config.json").read_text())["model_type"] == "internlm2"
+    assert "model.layers.0.attention.wqkv.weight" in load_file(merged / "model.safetensors")
+    with torch.no_grad():
+        torch.testing.assert_close(load_model(merged)(ids).logits, ours, rtol=0, atol=1e-5)
+
+
+# ---------------------------------------------------------------- QLoRA
+
+QLORA_LLM = (", quantization_config=dict(type=BitsAndBytesConfig, load_in_4bit=True, load_in_8bit=False, "
+             "llm_int8_threshold=6.0, llm_int8_has_fp16_weight=False, bnb_4bit_compute_dtype=torch.float32, "
+             "bnb_4bit_use_double_quant=True, bnb_4bit_quant_type='nf4')")
+
+
+def test_qlora_nf4_on_cpu_trains_and_its_loss_falls(tmp_path, tiny_llama_dir, small_folder, capsys):
+    pytest.importorskip("bitsandbytes")
+    cfg = lora_config_file(tmp_path, tiny_llama_dir, small_folder, llm_extra=QLORA_LLM, steps=40, lr=3e-2)
+    work = tmp_path / "work"
+    assert cli_main(["train", cfg, "--work-dir", str(work)]) == 0
+    out = capsys.readouterr().out
+    assert "trainable parameters 8,192" in out
+    rows = _metrics(work)
+    assert np.mean([r["loss"] for r in rows[-3:]]) < rows[0]["loss"] - 0.05
+    modules, config = read_adapter(work / "hf_adapter")
+    assert len(modules) == 14 and config["r"] == 4
+
+
+def test_qlora_without_bitsandbytes_names_the_install_command(monkeypatch, tiny_llama_dir):
+    import importlib.util
+
+    from evotune.errors import EvotuneError
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else
+                        real(name, *a))
+    with pytest.raises(EvotuneError, match=r"needs bitsandbytes: pip install 'evotune\[qlora\]'"):
+        load_model(tiny_llama_dir, quantization_config=dict(load_in_4bit=True))
