@@ -313,3 +313,80 @@ def test_qlora_without_bitsandbytes_names_the_install_command(monkeypatch, tiny_
                         real(name, *a))
     with pytest.raises(EvotuneError, match=r"needs bitsandbytes: pip install 'evotune\[qlora\]'"):
         load_model(tiny_llama_dir, quantization_config=dict(load_in_4bit=True))
+
+
+# ---------------------------------------------------------------- sharding and resume
+
+
+def _adapter(work: Path) -> dict[str, torch.Tensor]:
+    return load_file(work / "hf_adapter" / "adapter_model.safetensors")
+
+
+def _train_cli(cfg: str, work: Path, *args: str, nproc: int = 1):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("NPROC_PER_NODE", None)
+    if nproc > 1:
+        env["NPROC_PER_NODE"] = str(nproc)
+    out = subprocess.run([sys.executable, "-m", "evotune.cli", "train", cfg, "--work-dir", str(work), "--device",
+                          "cpu", *args], capture_output=True, text=True, timeout=300, env=env,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+
+
+@pytest.fixture(scope="module")
+def sharded_runs(tmp_path_factory, tiny_llama_dir, small_folder):
+    tmp = tmp_path_factory.mktemp("lora_sharded")
+    one = lora_config_file(tmp, tiny_llama_dir, small_folder, steps=4, lr=3e-2, accum=2)
+    Path(one).write_text(Path(one).read_text() + "save_steps = 2\n")
+    two = tmp / "cfg2.py"
+    two.write_text(Path(one).read_text().replace("accumulative_counts = 2", "accumulative_counts = 1"))
+    runs = {"one": tmp / "one"}
+    _train_cli(one, runs["one"])
+    for preset in ("deepspeed_zero2", "deepspeed_zero3"):
+        runs[preset] = tmp / preset
+        _train_cli(str(two), runs[preset], "--deepspeed", preset, nproc=2)
+    return runs, one, str(two)
+
+
+def test_two_gloo_ranks_zero2_zero3_equal_one_rank_with_twice_the_accumulation(sharded_runs):
+    runs, _, _ = sharded_runs
+    ref_rows, ref = _metrics(runs["one"]), _adapter(runs["one"])
+    for preset in ("deepspeed_zero2", "deepspeed_zero3"):
+        rows = _metrics(runs[preset])
+        assert [r["step"] for r in rows] == [1, 2, 3, 4]
+        for a, b in zip(ref_rows, rows):
+            assert b["loss"] == pytest.approx(a["loss"], rel=1e-5) and b["tokens"] == a["tokens"]
+        got = _adapter(runs[preset])
+        assert got.keys() == ref.keys()
+        for k in ref:
+            torch.testing.assert_close(got[k], ref[k], rtol=1e-4, atol=1e-6)
+        step = dcp.list_checkpoints(dcp.checkpoints_dir(str(runs[preset])))[-1][1]
+        assert all("lora_" in k for k in dcp.read_model_state(step))  # the sharded base is not saved
+
+
+def test_resume_is_bitwise_and_moves_to_another_world_size(sharded_runs, tmp_path):
+    import shutil
+
+    runs, one, _ = sharded_runs
+    # a run stopped (killed) after checkpoint 2: its later checkpoints and exports do not exist
+    work = tmp_path / "resumed"
+    shutil.copytree(runs["one"], work)
+    shutil.rmtree(work / "hf_adapter")
+    shutil.rmtree(work / "checkpoints" / "step_4")
+    _train_cli(one, work, "--resume", "auto")
+    a, b = _adapter(work), _adapter(runs["one"])
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert [(r["step"], r["loss"]) for r in _metrics(work)] == [(r["step"], r["loss"]) for r in _metrics(runs["one"])]
+    # the 2-rank ZeRO-3 checkpoint of step 2 continues on one process with accumulation 2
+    moved = tmp_path / "moved"
+    shutil.copytree(runs["deepspeed_zero3"], moved)
+    shutil.rmtree(moved / "hf_adapter")
+    shutil.rmtree(moved / "checkpoints" / "step_4")
+    _train_cli(one, moved, "--resume", "auto")
+    got, ref = _adapter(moved), _adapter(runs["one"])
+    for k in ref:
+        torch.testing.assert_close(got[k], ref[k], rtol=1e-4, atol=1e-6)

@@ -60,6 +60,8 @@ _STEP_DIR = re.compile(r"step_(\d+)")
 # frozen parameters (a LoRA run's base model, evotune/model/lora.py) are not saved: they are the base's,
 # loaded again from it on resume, so a LoRA checkpoint holds the adapter and its optimizer state only
 TRAINED_ONLY = StateDictOptions(ignore_frozen_params=True)
+# loading them: the frozen ones are absent by design (a missing trained tensor is refused first, _check_fits)
+SET_TRAINED_ONLY = StateDictOptions(ignore_frozen_params=True, strict=False)
 
 
 def checkpoints_dir(work_dir: str) -> str:
@@ -239,7 +241,8 @@ def load_checkpoint(path: str, *, model, optimizer, scheduler) -> dict:
         raise EvotuneError(f"{path}: its files cannot be read ({reason[:200]}): the checkpoint is damaged "
                            "(a truncated or missing file); resume from an older one with --resume "
                            f"{os.path.dirname(path)}/step_<N>") from e
-    set_state_dict(model, optimizer, model_state_dict=loaded["model"], optim_state_dict=loaded["optimizer"])
+    set_state_dict(model, optimizer, model_state_dict=loaded["model"], optim_state_dict=loaded["optimizer"],
+                   options=SET_TRAINED_ONLY)
     scheduler.load_state_dict(state.pop("scheduler"))
     rng_file = os.path.join(path, "rng", f"rank_{_rank()}.pt")
     if not os.path.exists(rng_file):
