@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from evotune.cli import main as cli_main
 from evotune.data.collate import MODEL_INPUTS, packed_collate
 from evotune.errors import EvotuneError
 from evotune.model import checkpointing, kernels
@@ -15,7 +16,10 @@ from evotune.model.finetune import SupervisedFinetune
 from evotune.parallel.env import DistEnv
 from evotune.parallel.fsdp import REPLICATE, parallelize
 from evotune.parallel.mesh import build_mesh
+from evotune.train import loop
 from tests.conftest import make_tiny_llama, whole_document_pack
+from tests.test_distributed import read_hf_weights, tiny_options
+from tests.test_faults import strict_records
 
 GiB = 2**30
 # llama-1b-like bytes per token and layer: none 90 KB, selective 45 KB, full 4 KB
@@ -164,3 +168,46 @@ def test_fused_kernels_setting_is_resolved_or_refused():
         kernels.resolve("inductor", False, cpu)
     with pytest.raises(EvotuneError, match="fused_kernels='triton'"):
         SupervisedFinetune(make_tiny_llama(), fused_kernels="triton")
+
+
+def test_reading_every_log_interval_steps_trains_and_logs_what_reading_every_step_does(
+        tmp_path, tiny_llama_dir, small_folder, monkeypatch):
+    """log_interval=4: the loss and gradient norm stay on the device between reads (one read per 4 steps
+    instead of one per step), and the metrics lines, the weights and the checkpoint are the same."""
+    reads = []
+    original = loop._Stepper._read
+    monkeypatch.setattr(loop._Stepper, "_read", lambda self, state: reads.append(state.step) or original(self, state))
+    runs = {}
+    for interval in (1, 4):
+        work = tmp_path / f"w{interval}"
+        opts = tiny_options(tiny_llama_dir, small_folder, max_steps=10, save_steps=5) + [f"log_interval={interval}"]
+        reads.clear()
+        assert cli_main(["train", "tiny_llama_cpu", "--seed", "0", "--device", "cpu", "--work-dir", str(work),
+                         "--cfg-options", *opts]) == 0
+        runs[interval] = (strict_records(work / "metrics.jsonl"), read_hf_weights(work), list(reads))
+    (every, w1, reads1), (deferred, w4, reads4) = runs[1], runs[4]
+    assert reads1 == list(range(1, 11))
+    assert reads4 == [4, 5, 8, 10]  # log_interval, the checkpoint at 5, the log at 8, the last step
+    keys = ("step", "loss", "grad_norm", "lr", "skipped", "skipped_steps", "tokens")
+    assert [{k: r[k] for k in keys} for r in deferred] == [{k: r[k] for k in keys} for r in every]
+    for name, w in w1.items():
+        assert torch.equal(w4[name], w), name
+    # per-type losses too, on every line: kept per step on the device, reduced at the reads
+    per_type = [{k: v for k, v in r.items() if k.startswith("loss/")} for r in every]
+    assert all(per_type) and [{k: v for k, v in r.items() if k.startswith("loss/")} for r in deferred] == per_type
+
+
+def test_a_nan_step_between_reads_is_not_applied_on_the_device():
+    """What the loop relies on between reads: fused AdamW with found_inf=1 leaves weights, moments and step."""
+    p = torch.nn.Parameter(torch.arange(4.0))
+    opt = torch.optim.AdamW([p], lr=0.1, fused=True)
+    p.grad = torch.ones(4)
+    opt.step()
+    before = (p.detach().clone(), opt.state[p]["exp_avg"].clone(), opt.state[p]["step"].clone())
+    p.grad = torch.full((4,), float("nan"))
+    opt.found_inf = (~torch.isfinite(p.grad.norm())).float()
+    opt.step()
+    del opt.found_inf
+    after = (p.detach(), opt.state[p]["exp_avg"], opt.state[p]["step"])
+    for x, y in zip(before, after):
+        assert torch.equal(x, y)

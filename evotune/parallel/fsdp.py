@@ -182,12 +182,13 @@ def set_micro_batch(model: nn.Module, strategy: Strategy, last: bool) -> None:
         model.set_reshard_after_backward(last)
 
 
-def clip_grad_norm_(parameters, max_norm: float | None) -> float:
-    """Global gradient norm over sharded (DTensor) or plain gradients; clips when ``max_norm``."""
+def clip_grad_norm_(parameters, max_norm: float | None) -> torch.Tensor:
+    """Global gradient norm over sharded (DTensor) or plain gradients, as a tensor on the device (reading
+    it is a host synchronisation, left to the caller); clips when ``max_norm``."""
     params = [p for p in parameters if p.grad is not None]
     total = torch.nn.utils.get_total_norm([p.grad for p in params])
     if isinstance(total, DTensor):
         total = total.full_tensor()
     if max_norm:
         torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
-    return float(total)
+    return total

@@ -239,26 +239,31 @@ def _train(s: Settings, env: DistEnv, stop: StopSignals) -> dict:
         if samples:
             samples.run(m.module, state.step)
         while state.step < n_steps:
-            record = step_fn(loader, state)
-            last_loss = record["loss"]
-            if validator and validator.due(state.step, n_steps):
-                record.update(validator.run(m.module))
-            writer.write(record)
-            if visualizer:
-                visualizer.write(record)
-            if state.step % s.logging.interval == 0 or state.step == n_steps:
-                progress.log(record)
+            # the device is read at these steps only (docs/performance.md, "GPU speed by default")
+            due = state.step + 1
+            read = (due % s.logging.interval == 0 or due == n_steps or checkpointer.due(due)
+                    or bool(validator and validator.due(due, n_steps)) or bool(samples and samples.due(due, n_steps)))
+            for record in step_fn(loader, state, read):
+                last_loss = record["loss"]
+                if record["step"] == state.step and validator and validator.due(state.step, n_steps):
+                    record.update(validator.run(m.module))
+                writer.write(record)
+                if visualizer:
+                    visualizer.write(record)
+                if record["step"] % s.logging.interval == 0 or record["step"] == n_steps:
+                    progress.log(record)
+                if record["skipped"]:
+                    overflow = (f", float16 overflow: loss scale now {step_fn.scaler.scale:g}"
+                                if record.get("overflow") else "")
+                    progress.print(f"evotune: step {record['step']}: loss {record['loss']:.4g}, grad_norm "
+                                   f"{record['grad_norm']:.4g}: not applied ({record['skipped_steps']} skipped in "
+                                   f"all{overflow})")
+                # a float16 overflow while the loss scale comes down is how dynamic scaling works, not divergence
+                skips.step(record["step"], not record["skipped"] or record.get("overflow", False),
+                           checkpointer.latest)
             progress.advance()
             if samples and samples.due(state.step, n_steps):
                 samples.run(m.module, state.step)
-            if record["skipped"]:
-                overflow = (f", float16 overflow: loss scale now {step_fn.scaler.scale:g}"
-                            if record.get("overflow") else "")
-                progress.print(f"evotune: step {state.step}: loss {record['loss']:.4g}, grad_norm "
-                               f"{record['grad_norm']:.4g}: not applied ({state.skipped_steps} skipped in all"
-                               f"{overflow})")
-            # a float16 overflow while the loss scale comes down is how dynamic scaling works, not divergence
-            skips.step(state.step, not record["skipped"] or record.get("overflow", False), checkpointer.latest)
             if not skips.streak:  # a checkpoint in a NaN streak would prune a good one for nothing
                 checkpointer.maybe_save(state)
             if step_fn.stop_agreed:
@@ -311,8 +316,38 @@ def _print_start(progress: Progress, s: Settings, env: DistEnv, pmesh: ParallelM
                        f"{dcp.checkpoints_dir(s.runtime.work_dir)}; starting from scratch")
 
 
+@dataclass
+class _Pending:
+    """A step whose loss and gradient norm are still on the device."""
+
+    step: int
+    loss: torch.Tensor  # [1] float64, summed over the ranks
+    grad_norm: torch.Tensor
+    tokens: int
+    flops: float
+    lr: float
+    data_time: float
+    epoch: int | None
+    type_sums: tuple | None  # this step's per-type CE sums (device) and token counts (host), or None
+
+
 class _Stepper:
-    """One optimizer step: the loader's next micro-batches, forward/backward, clip, step; the metrics record."""
+    """One optimizer step: the loader's next micro-batches, forward/backward, clip, step; the metrics records.
+
+    No host synchronisation in the steady state: the step loss and gradient
+    norm stay on the device and are read, with those of the steps before, only
+    when the loop asks (every ``log_interval`` steps and at the steps that
+    checkpoint, validate, generate samples or end). Between reads a non-finite
+    step is not applied on the device: fused AdamW's ``found_inf`` (the tensor
+    ``GradScaler`` uses) leaves weights, moments and step count as they were;
+    the schedule still advances and the skip is counted at the next read.
+    Per-type losses (``loss/<type>``) are kept per step and reduced at reads,
+    so every line still has its own step's values. Steps are read
+    every time where deferring is not possible: float16 loss scaling (its
+    scale is updated on the host), an optimizer without ``found_inf``,
+    ``log_interval = 1``, or a stop signal in a one-process run (with several
+    ranks the stop is agreed at the next read, at most ``log_interval`` steps on).
+    """
 
     def __init__(self, s: Settings, m: _Model, optimizer, scheduler, env: DistEnv, pmesh: ParallelMesh, strategy,
                  type_loss: TypeLoss | None, stop: StopSignals, state: TrainState):
@@ -325,11 +360,19 @@ class _Stepper:
             self.scaler.load_state_dict(state.loss_scale)  # a resumed run goes on with its scale
         self.stop = stop
         self.stop_agreed = False  # some rank got a stop signal: every rank stops after this step
+        self.deferrable = (self.scaler is None
+                           and bool(getattr(optimizer, "_step_supports_amp_scaling", False))
+                           and bool(optimizer.defaults.get("fused")))
+        self.pending: list[_Pending] = []
+        self.window_start: float | None = None  # when the first step since the last read began
 
-    def __call__(self, loader: StepLoader, state: TrainState) -> dict:
-        """Advances ``state`` by one step."""
+    def __call__(self, loader: StepLoader, state: TrainState, read: bool = True) -> list[dict]:
+        """Advances ``state`` by one step; returns the records of the steps read now (none, or every step
+        since the last read)."""
         env, pmesh, model = self.env, self.pmesh, self.m.module
         t0 = time.perf_counter()
+        if self.window_start is None:
+            self.window_start = t0
         step = next(loader)
         scale = self.scaler.scale if self.scaler else 1.0
         step_loss, tokens, doc_lengths = _train_step(
@@ -338,58 +381,93 @@ class _Stepper:
             functools.partial(forward_context, self.m.compute_dtype, env.device))
         if self.scaler:
             self.scaler.unscale_(model.parameters())
-        grad_norm = clip_grad_norm_(model.parameters(), self.s.optim.max_norm)
+        grad_norm = clip_grad_norm_(model.parameters(), self.s.optim.max_norm)  # global, on the device
         flops = M.model_flops(*self.m.flops, doc_lengths) / pmesh.sp_size  # a share per sp rank
-        # the logging reduction, before the optimizer step: it also tells every rank whether the global
-        # loss is finite (grad_norm is global already) and whether any rank got a stop signal
-        stats = torch.tensor([step_loss, tokens, flops, float(self.stop.requested is not None)],
-                             dtype=torch.float64, device=env.device)
-        _all_reduce(stats, pmesh)
-        stats = stats.tolist()  # synchronises with the device
-        self.stop_agreed = stats[3] > 0
-        skipped = not (math.isfinite(stats[0]) and math.isfinite(grad_norm))
-        lr = self.scheduler.get_last_lr()[0]
+        loss = _all_reduce(step_loss.detach().double().reshape(1), pmesh)  # the global loss, on the device
+        state.step += 1
+        state.sampler = step.sampler_state
+        type_sums = None
+        if self.type_loss:  # this step's share, set aside until the read
+            type_sums = (self.type_loss.sums.clone(), self.type_loss.counts.copy())
+            self.type_loss.sums.zero_()
+            self.type_loss.counts[:] = 0
+        self.pending.append(_Pending(state.step, loss, grad_norm, tokens, flops, self.scheduler.get_last_lr()[0],
+                                     step.data_time, step.sampler_state.get("epoch"), type_sums))
+        # a stop signal is read at once in one process; ranks must read at the same steps (a collective)
+        alone = pmesh.dp_size * pmesh.sp_size == 1
+        if not (read or not self.deferrable or (alone and self.stop.requested is not None)):
+            finite = torch.isfinite(loss[0]) & torch.isfinite(grad_norm)
+            self.optimizer.found_inf = (~finite).float()  # a NaN/inf step is not applied (on the device)
+            self.optimizer.step()
+            del self.optimizer.found_inf
+            self.scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            return []
+
+        records = self._read(state)
+        current = records[-1]
+        skipped = current["skipped"]
         if not skipped:  # a NaN/inf step is not applied: the weights stay the last finite ones
             self.optimizer.step()
             self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        overflow = False
         if self.scaler:  # inf/NaN gradients of a finite loss: the scale was too high (unless already below 1)
-            overflow = skipped and math.isfinite(stats[0]) and scale > 1.0
+            current.update(loss_scale=scale, overflow=skipped and math.isfinite(current["loss"]) and scale > 1.0)
             self.scaler.update(skipped)
             state.loss_scale = self.scaler.state_dict()
+        per_step = (time.perf_counter() - self.window_start) / len(records)  # one wall-clock window, shared
+        self.window_start = None
+        for record in records:
+            record["step_time"] = per_step
+            record["tgs"] = record.pop("_tokens") / env.world_size / per_step
+            flops = record.pop("_flops")
+            if self.peak:
+                record["mfu"] = flops / env.world_size / per_step / (self.peak * 1e12)
+        return records
 
-        elapsed = time.perf_counter() - t0
-        state.step += 1
-        state.skipped_steps += skipped
-        state.consumed_tokens += int(stats[1])
-        state.sampler = step.sampler_state
-        record = {
-            "step": state.step, "loss": stats[0] / pmesh.dp_size, "lr": lr, "grad_norm": grad_norm,
-            "skipped": skipped, "skipped_steps": state.skipped_steps,
-            "tokens": state.consumed_tokens, "tgs": stats[1] / env.world_size / elapsed,
-            "data_time": step.data_time, "step_time": elapsed, "epoch": step.sampler_state.get("epoch"),
-        }
-        if self.scaler:
-            record.update(loss_scale=scale, overflow=overflow)
-        if self.peak:
-            record["mfu"] = stats[2] / env.world_size / elapsed / (self.peak * 1e12)
-        if self.type_loss:
-            record.update(self.type_loss.reduce())  # all ranks: one all-reduce
-        return record
+    def _read(self, state: TrainState) -> list[dict]:
+        """One read of every pending step's loss and gradient norm (and, over ranks, tokens, FLOPs and
+        the stop flag, in the same reduction); updates ``state``'s counts and ``stop_agreed``."""
+        pending, self.pending = self.pending, []
+        device = self.env.device
+        host = torch.tensor([[p.tokens, p.flops, 0.0] for p in pending], dtype=torch.float64)
+        host[-1, 2] = float(self.stop.requested is not None)
+        if self.pmesh.dp_size * self.pmesh.sp_size > 1:
+            host = _all_reduce(host.to(device), self.pmesh)
+        values = torch.cat([torch.cat([p.loss for p in pending]).unsqueeze(1),
+                            torch.stack([p.grad_norm.double() for p in pending]).unsqueeze(1),
+                            host.to(device)], dim=1).tolist()  # synchronises with the device
+        self.stop_agreed = values[-1][4] > 0
+        records = []
+        for p, (loss, grad_norm, tokens, flops, _) in zip(pending, values):
+            skipped = not (math.isfinite(loss) and math.isfinite(grad_norm))
+            state.skipped_steps += skipped
+            state.consumed_tokens += int(tokens)
+            records.append({
+                "step": p.step, "loss": loss / self.pmesh.dp_size, "lr": p.lr, "grad_norm": grad_norm,
+                "skipped": skipped, "skipped_steps": state.skipped_steps, "tokens": state.consumed_tokens,
+                "_tokens": tokens, "_flops": flops, "data_time": p.data_time, "epoch": p.epoch,
+            })
+            if p.type_sums is not None:  # all ranks: one all-reduce per step read
+                self.type_loss.sums.copy_(p.type_sums[0])
+                self.type_loss.counts[:] = p.type_sums[1]
+                records[-1].update(self.type_loss.reduce())
+        return records
 
 
 def _train_step(model, micro_batches: list[dict], env: DistEnv, pmesh: ParallelMesh, strategy, accum: int,
                 loss_reduction: str, type_loss: TypeLoss | None = None, grad_scale: float = 1.0,
                 forward=contextlib.nullcontext):
-    """Forward/backward over the step's micro-batches; returns (loss, tokens, doc lengths) of this rank.
+    """Forward/backward over the step's micro-batches; returns (loss tensor, tokens, doc lengths) of this rank.
     ``grad_scale``: float16 loss scaling (the gradients come out multiplied by it; the loss returned is not);
     ``forward()``: the context each forward runs in (:func:`forward_context`)."""
     if loss_reduction == "token":
-        n_loss = torch.tensor(float(sum(mb["num_loss_tokens"] for mb in micro_batches)), dtype=torch.float64,
-                              device=env.device)
-        _all_reduce(n_loss, pmesh)
-        scale = pmesh.dp_size / max(float(n_loss), 1.0)
+        n_loss = float(sum(mb["num_loss_tokens"] for mb in micro_batches))
+        if pmesh.dp_size * pmesh.sp_size > 1:  # the global count, kept on the device
+            n_loss = _all_reduce(torch.tensor(n_loss, dtype=torch.float64, device=env.device), pmesh)
+            scale = pmesh.dp_size / n_loss.clamp(min=1.0).float()
+        else:
+            scale = 1.0 / max(n_loss, 1.0)
     else:
         scale = 1.0 / accum
     total = torch.zeros((), dtype=torch.float32, device=env.device)
@@ -408,7 +486,7 @@ def _train_step(model, micro_batches: list[dict], env: DistEnv, pmesh: ParallelM
         total += loss.detach()
         tokens += mb["num_tokens"]
         doc_lengths.extend(mb["doc_lengths"].tolist())
-    return float(total), tokens, doc_lengths
+    return total, tokens, doc_lengths  # the loss stays on the device (read by _Stepper._read)
 
 
 def _lora_record(module) -> dict | None:
