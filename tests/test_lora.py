@@ -132,8 +132,6 @@ def test_lora_trains_only_the_adapter_and_checkpoints_it_alone(lora_run, tiny_ll
     apply_lora(trained, dict(r=4, lora_alpha=8, lora_dropout=0.0), log=None)
     missing, unexpected = trained.load_state_dict(saved, strict=False)
     assert not unexpected and all("lora_" not in k for k in missing)
-    for (name, p), (_, q) in zip(base.named_parameters(), trained.base_model.named_parameters()):
-        pass
     base_sd = base.state_dict()
     for k, v in trained.state_dict().items():
         plain = k.replace(".base_layer", "")
@@ -368,24 +366,26 @@ def test_two_gloo_ranks_zero2_zero3_equal_one_rank_with_twice_the_accumulation(s
         assert all("lora_" in k for k in dcp.read_model_state(step))  # the sharded base is not saved
 
 
-def test_resume_is_bitwise_and_moves_to_another_world_size(sharded_runs, tmp_path):
+def _stopped_after_step_2(src: Path, dst: Path) -> Path:
+    """A copy of a 4-step work dir as a run killed after checkpoint 2 leaves it."""
     import shutil
 
+    shutil.copytree(src, dst)
+    shutil.rmtree(dst / "hf_adapter")
+    shutil.rmtree(dst / "checkpoints" / "step_4")
+    return dst
+
+
+def test_resume_is_bitwise_and_moves_to_another_world_size(sharded_runs, tmp_path):
     runs, one, _ = sharded_runs
     # a run stopped (killed) after checkpoint 2: its later checkpoints and exports do not exist
-    work = tmp_path / "resumed"
-    shutil.copytree(runs["one"], work)
-    shutil.rmtree(work / "hf_adapter")
-    shutil.rmtree(work / "checkpoints" / "step_4")
+    work = _stopped_after_step_2(runs["one"], tmp_path / "resumed")
     _train_cli(one, work, "--resume", "auto")
     a, b = _adapter(work), _adapter(runs["one"])
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert [(r["step"], r["loss"]) for r in _metrics(work)] == [(r["step"], r["loss"]) for r in _metrics(runs["one"])]
     # the 2-rank ZeRO-3 checkpoint of step 2 continues on one process with accumulation 2
-    moved = tmp_path / "moved"
-    shutil.copytree(runs["deepspeed_zero3"], moved)
-    shutil.rmtree(moved / "hf_adapter")
-    shutil.rmtree(moved / "checkpoints" / "step_4")
+    moved = _stopped_after_step_2(runs["deepspeed_zero3"], tmp_path / "moved")
     _train_cli(one, moved, "--resume", "auto")
     got, ref = _adapter(moved), _adapter(runs["one"])
     for k in ref:
