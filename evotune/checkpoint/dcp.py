@@ -182,6 +182,18 @@ def _save_bytes(root: str, *state_dicts) -> int:
     return local * (dist.get_world_size() if dist.is_initialized() else 1)
 
 
+def _trained_state(model, optimizer) -> tuple[dict, dict]:
+    """Model and optimizer state of the trained parameters. ``ignore_frozen_params`` drops frozen
+    parameters but not the extra entries a module writes beside one: a bitsandbytes 4-bit weight (QLoRA)
+    adds ``<weight>.absmax``, ``.quant_map``, ``.quant_state.*``, derived from the base like the weight
+    itself and rebuilt from it at load, so they are left out too."""
+    model_sd, optim_sd = get_state_dict(model, optimizer, options=TRAINED_ONLY)
+    frozen = tuple(f"{name}." for name, p in model.named_parameters() if not p.requires_grad)
+    if frozen:
+        model_sd = {k: v for k, v in model_sd.items() if not k.startswith(frozen)}
+    return model_sd, optim_sd
+
+
 def save_checkpoint(root: str, step: int, *, model, optimizer, scheduler, train_state: dict,
                     keep: int = -1, hf_config=None) -> str:
     """Write ``<root>/step_<step>`` atomically on every rank; returns its path.
@@ -193,7 +205,7 @@ def save_checkpoint(root: str, step: int, *, model, optimizer, scheduler, train_
     """
     rank = _rank()
     final = os.path.join(root, f"step_{step}")
-    model_sd, optim_sd = get_state_dict(model, optimizer, options=TRAINED_ONLY)
+    model_sd, optim_sd = _trained_state(model, optimizer)
     with AtomicDir(final, overwrite=True, collective=True, need_bytes=_save_bytes(root, model_sd, optim_sd)) as tmp:
         os.makedirs(tmp / "rng", exist_ok=True)
         with _single_process_quiet():
@@ -230,7 +242,7 @@ def load_checkpoint(path: str, *, model, optimizer, scheduler) -> dict:
     training.
     """
     state = read_trainer_state(path)
-    model_sd, optim_sd = get_state_dict(model, optimizer, options=TRAINED_ONLY)
+    model_sd, optim_sd = _trained_state(model, optimizer)
     loaded = {"model": model_sd, "optimizer": optim_sd}
     _check_fits(path, loaded)
     try:

@@ -45,13 +45,22 @@ class CompileDecision:
     message: str | None = None  # why 'auto' did not compile (printed at start)
 
 
-def decide(torch_compile, device: torch.device, dtype: torch.dtype, use_varlen_attn: bool) -> CompileDecision:
-    """Whether to compile the decoder layers; an unsafe explicit request is an ``EvotuneError``."""
+def decide(torch_compile, device: torch.device, dtype: torch.dtype, use_varlen_attn: bool,
+           quantized: bool = False) -> CompileDecision:
+    """Whether to compile the decoder layers; an unsafe explicit request is an ``EvotuneError``.
+
+    ``quantized``: the layers hold bitsandbytes 4-bit weights (QLoRA). 'auto' leaves them eager: compiling
+    bitsandbytes' dequantise-and-matmul ops through inductor has not been measured here, and QLoRA's step
+    is dominated by those ops, not by the elementwise work compilation fuses; ``True`` still compiles.
+    """
     if torch_compile is False or torch_compile is None:
         return CompileDecision(False)
     if not (torch_compile is True or torch_compile == AUTO or isinstance(torch_compile, dict)):
         raise EvotuneError(f"torch_compile={torch_compile!r}: use 'auto', True, False or a dict of "
                            "torch.compile options")
+    if quantized and torch_compile == AUTO:
+        return CompileDecision(False, message="torch_compile='auto': decoder layers not compiled (bitsandbytes "
+                                              "4-bit layers run eager; torch_compile=True compiles them)")
     varlen_kernel = device.type == "cuda" and dtype in (torch.bfloat16, torch.float16)
     # 'auto' compiles on GPUs only; an explicit request is also honoured for plain causal attention on the CPU
     if varlen_kernel or (not use_varlen_attn and (device.type == "cuda" or torch_compile != AUTO)):

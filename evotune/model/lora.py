@@ -69,6 +69,12 @@ def linear_layer_names(llm: nn.Module) -> dict[str, list[str]]:
     return names
 
 
+def is_4bit(p: torch.Tensor) -> bool:
+    """A bitsandbytes 4-bit weight (packed codes plus a quantisation state, frozen): FSDP2 leaves it
+    unsharded and nothing casts it (evotune/parallel/fsdp.py)."""
+    return type(p).__name__ == "Params4bit"
+
+
 def _is_linear(module: nn.Module) -> bool:
     if isinstance(module, nn.Linear):
         return True

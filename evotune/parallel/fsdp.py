@@ -9,13 +9,23 @@ outside the compiled ``forward``, and both go before ``fully_shard`` so that
 FSDP's hooks stay outside the recomputed and the compiled regions.
 It then shards every decoder layer and then the root module
 (``SupervisedFinetune``), so the embedding, final norm and head, used directly
-in the root's forward, are gathered by the root's own hooks. Master weights are
-always fp32 (the model is upcast layer by layer, just before each layer is
-sharded, so a bf16 checkpoint never exists in fp32 as a whole); on CUDA the
-forward/backward compute runs in bf16 (``MixedPrecisionPolicy(param_dtype=bf16,
-reduce_dtype=fp32)``) unless the config or DeepSpeed JSON asks for fp32; on the
-CPU everything is fp32. The root does not cast its floating inputs, so the
-loss weights stay fp32.
+in the root's forward, are gathered by the root's own hooks. Master weights of
+the trained parameters are always fp32 (the model is upcast layer by layer, just
+before each layer is sharded, so a bf16 checkpoint never exists in fp32 as a
+whole); on CUDA the forward/backward compute runs in bf16
+(``MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32)``) unless the
+config or DeepSpeed JSON asks for fp32; on the CPU everything is fp32. The root
+does not cast its floating inputs, so the loss weights stay fp32.
+
+Frozen parameters (a LoRA run's base, evotune/model/lora.py) are stored in the
+compute dtype instead: mixed precision casts every parameter to it before each
+use anyway, so rounding them once at start gives the same numbers as rounding
+them at every all-gather, at half the memory of fp32. bitsandbytes 4-bit
+weights (QLoRA) are never cast and never sharded: they go to ``ignored_params``
+(FSDP2 leaves them in place on every rank, as packed 4-bit codes with their
+quantisation state), which is what lets QLoRA run under any preset. Only the
+bf16 rest of the base (embedding, norms, head) and the adapter are sharded; a
+7B base in NF4 is about 3.5 GB on each rank (docs/lora.md, "Sharding").
 
 How each setting maps (the cost table is in docs/distributed.md, "Strategies"):
 
@@ -52,9 +62,11 @@ from torch import nn
 from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
+from evotune.dtypes import dtype_name
 from evotune.model import checkpointing, kernels
 from evotune.model.compile import compile_decoder_layers, decide
 from evotune.model.layers import decoder_layers
+from evotune.model.lora import is_4bit
 from evotune.parallel.mesh import ParallelMesh
 from evotune.parallel.zero import ZeroSettings
 
@@ -93,20 +105,55 @@ def uses_fsdp(pmesh: ParallelMesh) -> bool:
     return pmesh.mesh is not None
 
 
-def _upcast_(module: nn.Module) -> None:
-    """fp32 master weights, in place (parameters keep their identity)."""
+def _set_dtypes_(module: nn.Module, frozen_dtype: torch.dtype) -> None:
+    """In place (parameters keep their identity): trained parameters become fp32 master weights, frozen
+    ones ``frozen_dtype`` (the compute dtype, see the module docstring); 4-bit weights stay as they are."""
     for p in module.parameters():
-        if p.is_floating_point() and p.dtype != torch.float32 and not isinstance(p, DTensor):
-            p.data = p.data.float()
+        if isinstance(p, DTensor) or is_4bit(p) or not p.is_floating_point():
+            continue
+        dtype = torch.float32 if p.requires_grad else frozen_dtype
+        if p.dtype != dtype:
+            p.data = p.data.to(dtype)
+
+
+def _place_4bit_(model: nn.Module, device: torch.device) -> set[nn.Parameter]:
+    """Move the bitsandbytes 4-bit layers to ``device`` (their ``.to`` carries the quantisation state;
+    FSDP2 moves only what it shards) and return their weights, for ``fully_shard(ignored_params=)``."""
+    for module in model.modules():
+        if any(is_4bit(p) for p in module.parameters(recurse=False)):
+            module.to(device)
+    return {p for p in model.parameters() if is_4bit(p)}
+
+
+def storage_summary(model: nn.Module) -> str:
+    """How the weights are stored, for the start-up lines: 'master weights float32', or with a frozen base
+    'trained weights float32, frozen 4-bit + bfloat16'."""
+    def kind(p):
+        return "4-bit" if is_4bit(p) else dtype_name(p.dtype)
+    trained = sorted({kind(p) for p in model.parameters() if p.requires_grad})
+    frozen = sorted({kind(p) for p in model.parameters()
+                     if not p.requires_grad and (p.is_floating_point() or is_4bit(p))})
+    if not frozen:
+        return "master weights " + " + ".join(trained)
+    return f"trained weights {' + '.join(trained) or 'none'}, frozen {' + '.join(frozen)}"
 
 
 def state_bytes(model: nn.Module, pmesh: ParallelMesh, strategy: Strategy, compute_dtype: torch.dtype) -> int:
-    """Estimated device bytes of weights, gradients and AdamW state per rank: 16 per parameter
-    (fp32 master, fp32 gradient, two moments) over the ranks that shard them, plus the gathered
-    16-bit copy under mixed precision."""
-    n = sum(p.numel() for p in model.parameters())
+    """Estimated device bytes of weights, gradients and AdamW state per rank: 16 per trained parameter
+    (fp32 master, fp32 gradient, two moments) and the stored bytes of a frozen one (compute dtype), over
+    the ranks that shard them, plus the gathered 16-bit copy under mixed precision; 4-bit weights are
+    whole on every rank."""
     shards = 1 if strategy.replicate or not uses_fsdp(pmesh) else pmesh.dp_size * pmesh.sp_size
-    return int(n * (16 / shards + (2 if compute_dtype != torch.float32 else 0)))
+    mixed = compute_dtype != torch.float32
+    total = 0.0
+    for p in model.parameters():
+        if is_4bit(p):
+            total += p.nbytes
+        elif p.requires_grad:
+            total += p.numel() * (16 / shards + (2 if mixed else 0))
+        else:
+            total += p.numel() * compute_dtype.itemsize / shards + (p.numel() * 2 if mixed else 0)
+    return int(total)
 
 
 def apply_fast_paths(model: nn.Module, pmesh: ParallelMesh, strategy: Strategy,
@@ -132,7 +179,8 @@ def apply_fast_paths(model: nn.Module, pmesh: ParallelMesh, strategy: Strategy,
         mode = choice.mode
         if log:
             log(f"evotune: activation_checkpointing='auto' -> '{mode}': {choice.reason}")
-    plan = decide(model.torch_compile, device, compute_dtype, model.use_varlen_attn)
+    plan = decide(model.torch_compile, device, compute_dtype, model.use_varlen_attn,
+                  quantized=any(is_4bit(p) for p in llm.parameters()))
     model.fused_kernels, why = kernels.resolve(model.fused_kernels, plan.enabled, device)
     if model.fused_kernels == "liger":
         counts = kernels.apply_liger(llm)
@@ -154,21 +202,23 @@ def parallelize(model: nn.Module, pmesh: ParallelMesh, strategy: Strategy, devic
     (a ``SupervisedFinetune``) in place; one CPU process just gets fp32 weights."""
     apply_fast_paths(model, pmesh, strategy, device, compute_dtype, tokens, log)
     if not uses_fsdp(pmesh):
-        _upcast_(model)
+        _set_dtypes_(model, compute_dtype)
         return model.to(device)
     mesh = pmesh.fsdp_mesh(strategy.replicate)
     mp = MixedPrecisionPolicy(param_dtype=None if compute_dtype == torch.float32 else compute_dtype,
                               reduce_dtype=torch.float32)
     offload = CPUOffloadPolicy(pin_memory=strategy.pin_memory and device.type == "cuda") if strategy.offload \
         else OffloadPolicy()
+    quantized = _place_4bit_(model, device) or None
     for layer in decoder_layers(model.llm, "FSDP shards each one"):
-        _upcast_(layer)
+        _set_dtypes_(layer, compute_dtype)
         fully_shard(layer, mesh=mesh, reshard_after_forward=strategy.reshard_after_forward,
-                    mp_policy=mp, offload_policy=offload)
-    _upcast_(model)
+                    mp_policy=mp, offload_policy=offload, ignored_params=quantized)
+    _set_dtypes_(model, compute_dtype)
     # the root's parameters are needed again right at the start of backward: keep them gathered
     fully_shard(model, mesh=mesh, reshard_after_forward=False,
-                mp_policy=dataclasses.replace(mp, cast_forward_inputs=False), offload_policy=offload)
+                mp_policy=dataclasses.replace(mp, cast_forward_inputs=False), offload_policy=offload,
+                ignored_params=quantized)
     return model
 
 

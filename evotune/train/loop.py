@@ -56,9 +56,9 @@ from evotune.data.loader import StepLoader
 from evotune.dtypes import dtype_name, parse_dtype
 from evotune.errors import EvotuneError
 from evotune.model import hub
-from evotune.model.lora import adapter_config, adapter_modules
+from evotune.model.lora import adapter_config, adapter_modules, is_4bit
 from evotune.parallel.env import DistEnv
-from evotune.parallel.fsdp import clip_grad_norm_, parallelize, set_micro_batch, strategy_for
+from evotune.parallel.fsdp import clip_grad_norm_, parallelize, set_micro_batch, storage_summary, strategy_for
 from evotune.parallel.mesh import ParallelMesh, build_mesh
 from evotune.parallel.ulysses import check_heads, shard_row
 from evotune.settings import ScheduleSettings, Settings
@@ -144,11 +144,7 @@ def _build_model(settings: Settings, dataset, pmesh: ParallelMesh, strategy, env
     heads = llm.config.num_attention_heads
     check_heads(heads, getattr(llm.config, "num_key_value_heads", None) or heads, pmesh.sp_size,
                 where=f"model '{settings.model.path}'")
-    if getattr(llm, "is_loaded_in_4bit", False) and pmesh.mesh is not None:
-        raise EvotuneError("QLoRA (quantization_config load_in_4bit) runs in one process without FSDP: FSDP2 here "
-                           "does not shard bitsandbytes 4-bit weights (docs/lora.md); train LoRA without "
-                           "quantization_config to shard, or QLoRA with one CPU process")
-    export_dtype = next(p.dtype for p in llm.parameters() if p.is_floating_point())
+    export_dtype = next(p.dtype for p in llm.parameters() if p.is_floating_point() and not is_4bit(p))
     dtype = compute_dtype(settings, env.device)
     flops = (M.matmul_params(llm), *M.attention_dim(llm))
     # checkpointing ('auto': sized for this micro-batch) and compilation (model/compile.decide) are applied here
@@ -228,7 +224,8 @@ def _train(s: Settings, env: DistEnv, stop: StopSignals) -> dict:
     step_fn = _Stepper(s, m, optimizer, scheduler, env, pmesh, strategy, type_loss, stop, state)
     skips = SkipBudget(s.optim.max_consecutive_skips, s.optim.max_skipped_fraction, n_steps, state.skipped_steps,
                        lr=s.optim.lr)
-    _print_start(progress, s, env, pmesh, strategy, dataset, sampler, n_steps, m.compute_dtype, resumed)
+    _print_start(progress, s, env, pmesh, strategy, dataset, sampler, n_steps, m.compute_dtype,
+                 storage_summary(m.module), resumed)
     if s.data.dataset_info and tokenizer is not None:  # XTuner's DatasetInfoHook
         progress.print("evotune: the first pack, decoded ([[...]]: no loss)\n"
                        + render_document(pack_tokens(dataset[0]), tokenizer.decode, plain=True))
@@ -293,7 +290,7 @@ def _collate(packs: list[dict], loss_reduction: str, pmesh: ParallelMesh) -> dic
 
 
 def _print_start(progress: Progress, s: Settings, env: DistEnv, pmesh: ParallelMesh, strategy, dataset, sampler,
-                 n_steps: int, dtype: torch.dtype, resumed: Resumed | None) -> None:
+                 n_steps: int, dtype: torch.dtype, weights: str, resumed: Resumed | None) -> None:
     """The effective settings with their sources, the batch arithmetic, the process layout, the resume."""
     accum, batch_size, zero = s.optim.accumulative_counts, s.data.batch_size, s.parallel.deepspeed
     progress.print("evotune: settings (value, where it came from)\n" + s.format_table())
@@ -305,7 +302,7 @@ def _print_start(progress: Progress, s: Settings, env: DistEnv, pmesh: ParallelM
     )
     progress.print(f"evotune: {env.world_size} process(es) on {env.device.type}, "
                    f"{'FSDP2 ' + strategy.name if pmesh.mesh is not None else 'no sharding'}, "
-                   f"compute {dtype_name(dtype)}, master weights float32"
+                   f"compute {dtype_name(dtype)}, {weights}"
                    + (f"; --deepspeed {zero.source}: ignored {', '.join(zero.ignored)}" if zero and zero.ignored
                       else ""))
     if resumed:

@@ -32,8 +32,9 @@ PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "A800": 312.0, "H800
 
 
 def matmul_params(llm: nn.Module) -> int:
-    """Parameters of linear layers (incl. the head), not of embeddings or norms."""
-    return sum(m.weight.numel() for m in llm.modules() if isinstance(m, nn.Linear))
+    """Parameters of linear layers (incl. the head), not of embeddings or norms; by shape, because a
+    bitsandbytes 4-bit layer (an ``nn.Linear``) stores two or more values per element of its weight."""
+    return sum(m.in_features * m.out_features for m in llm.modules() if isinstance(m, nn.Linear))
 
 
 def attention_dim(llm: nn.Module) -> tuple[int, int]:

@@ -1,0 +1,101 @@
+"""QLoRA and LoRA under FSDP2 (evotune/parallel/fsdp.py): 4-bit weights unsharded, frozen base in the compute dtype."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from evotune.checkpoint import dcp
+from evotune.model.finetune import SupervisedFinetune
+from evotune.model.load import load_model
+from evotune.model.lora import is_4bit
+from evotune.parallel.fsdp import REPLICATE, _set_dtypes_, state_bytes, storage_summary
+from evotune.parallel.mesh import ParallelMesh
+from tests.test_lora import QLORA_LLM, _adapter, _metrics, _train_cli, lora_config_file
+
+pytest.importorskip("bitsandbytes")
+
+
+@pytest.fixture(scope="module")
+def qlora_runs(tmp_path_factory, tiny_llama_dir, small_folder):
+    """One process with accumulation 2 and two gloo ranks (ZeRO-2, ZeRO-3) with accumulation 1, QLoRA NF4."""
+    tmp = tmp_path_factory.mktemp("qlora_sharded")
+    one = lora_config_file(tmp, tiny_llama_dir, small_folder, llm_extra=QLORA_LLM, steps=4, lr=3e-2, accum=2)
+    Path(one).write_text(Path(one).read_text() + "save_steps = 2\n")
+    two = tmp / "cfg2.py"
+    two.write_text(Path(one).read_text().replace("accumulative_counts = 2", "accumulative_counts = 1"))
+    runs = {"one": tmp / "one"}
+    _train_cli(one, runs["one"])
+    for preset in ("deepspeed_zero2", "deepspeed_zero3"):
+        runs[preset] = tmp / preset
+        _train_cli(str(two), runs[preset], "--deepspeed", preset, nproc=2)
+    return runs
+
+
+def test_qlora_on_two_gloo_ranks_equals_one_rank_with_twice_the_accumulation(qlora_runs):
+    ref_rows, ref = _metrics(qlora_runs["one"]), _adapter(qlora_runs["one"])
+    assert ref_rows[-1]["loss"] != ref_rows[0]["loss"]
+    for preset in ("deepspeed_zero2", "deepspeed_zero3"):
+        rows = _metrics(qlora_runs[preset])
+        assert [r["step"] for r in rows] == [1, 2, 3, 4]
+        for a, b in zip(ref_rows, rows):
+            assert b["loss"] == pytest.approx(a["loss"], rel=1e-5) and b["tokens"] == a["tokens"]
+            assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)
+        got = _adapter(qlora_runs[preset])
+        assert got.keys() == ref.keys() and len(ref) == 28  # 7 linear layers x 2 layers, A and B
+        for k in ref:
+            torch.testing.assert_close(got[k], ref[k], rtol=1e-4, atol=1e-6)
+        step = dcp.list_checkpoints(dcp.checkpoints_dir(str(qlora_runs[preset])))[-1][1]
+        assert all("lora_" in k for k in dcp.read_model_state(step))  # neither the 4-bit nor the bf16 base
+
+
+def test_qlora_checkpoint_of_two_ranks_resumes_on_one(qlora_runs, tmp_path, tiny_llama_dir, small_folder):
+    import shutil
+
+    work = tmp_path / "moved"
+    shutil.copytree(qlora_runs["deepspeed_zero3"], work)
+    shutil.rmtree(work / "hf_adapter")
+    shutil.rmtree(work / "checkpoints" / "step_4")
+    one = lora_config_file(tmp_path, tiny_llama_dir, small_folder, llm_extra=QLORA_LLM, steps=4, lr=3e-2, accum=2)
+    Path(one).write_text(Path(one).read_text() + "save_steps = 2\n")
+    _train_cli(one, work, "--resume", "auto")
+    got, ref = _adapter(work), _adapter(qlora_runs["one"])
+    for k in ref:
+        torch.testing.assert_close(got[k], ref[k], rtol=1e-4, atol=1e-6)
+
+
+def _qlora_model(path: str, storage=None) -> SupervisedFinetune:
+    quant = dict(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                 bnb_4bit_compute_dtype=torch.bfloat16)
+    if storage is not None:
+        quant["bnb_4bit_quant_storage"] = storage
+    return SupervisedFinetune(load_model(path, dtype="bfloat16", quantization_config=quant),
+                              activation_checkpointing=False, torch_compile=False, fused_kernels="none",
+                              lora=dict(r=4, lora_alpha=8, lora_dropout=0.0, task_type="CAUSAL_LM"))
+
+
+@pytest.mark.parametrize("storage", [None, torch.bfloat16])
+def test_trained_weights_become_fp32_frozen_ones_the_compute_dtype_and_4bit_stays(tiny_llama_dir, storage):
+    model = _qlora_model(tiny_llama_dir, storage)
+    packed = {n: p.detach().clone() for n, p in model.named_parameters() if is_4bit(p)}
+    assert len(packed) == 14 and all(p.dtype == (storage or torch.uint8) for p in packed.values())
+    _set_dtypes_(model, torch.bfloat16)
+    for name, p in model.named_parameters():
+        if is_4bit(p):  # a bf16-stored 4-bit weight is floating point, yet never cast (bits compared: some are NaN)
+            assert p.dtype == packed[name].dtype
+            assert torch.equal(p.detach().view(torch.uint8), packed[name].view(torch.uint8)), name
+        elif p.requires_grad:
+            assert p.dtype == torch.float32, name
+        else:
+            assert p.dtype == torch.bfloat16, name
+    assert storage_summary(model) == "trained weights float32, frozen 4-bit + bfloat16"
+    # what 'auto' activation checkpointing subtracts: 16 B per trained parameter (+2 for its bf16 copy), the
+    # stored bytes of a frozen one (+2 gathered), a 4-bit weight's packed bytes
+    one = ParallelMesh(None, dp_size=1, dp_rank=0, sp_size=1, sp_rank=0)
+    n_trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad and not is_4bit(p))
+    four = sum(p.nbytes for p in model.parameters() if is_4bit(p))
+    assert 0 < four < sum(p.numel() for p in packed.values()) * 4
+    assert state_bytes(model, one, REPLICATE, torch.bfloat16) == int(n_trained * 18 + frozen * 4 + four)
