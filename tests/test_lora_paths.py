@@ -1,0 +1,79 @@
+"""LoRA through the rest of training: activation checkpointing, sequence parallel, an InternEvo checkpoint source.
+
+Each is an equivalence between whole training runs (the CLI, 3 steps) that must agree with a reference run.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from evotune.cli import main as cli_main
+from tests.test_lora import _adapter, _metrics, _train_cli, lora_config_file
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+INTERNEVO = SHARED / "conformance" / "internlm2" / "internevo_ckpt_tp1pp1"
+
+
+def _losses(work: Path) -> list[float]:
+    return [r["loss"] for r in _metrics(work)]
+
+
+@pytest.fixture(scope="module")
+def lora_paths(tmp_path_factory, tiny_llama_dir, small_folder):
+    """3 LoRA steps with activation checkpointing (the reference), without, and with SP=2 on 2 gloo ranks."""
+    tmp = tmp_path_factory.mktemp("lora_paths")
+    runs = {}
+    for name, ckpt, extra, nproc in (("ac", True, "", 1), ("no_ac", False, "", 1),
+                                     ("sp2", True, "sequence_parallel_size = 2\n", 2)):
+        folder = tmp / name
+        folder.mkdir()
+        cfg = lora_config_file(folder, tiny_llama_dir, small_folder, steps=3, lr=3e-2, ckpt=ckpt)
+        Path(cfg).write_text(Path(cfg).read_text() + extra)
+        runs[name] = folder / "work"
+        _train_cli(cfg, runs[name], nproc=nproc)
+    return runs
+
+
+def _same_training(got: Path, ref: Path, rtol: float, atol: float) -> None:
+    assert len(_losses(got)) == 3
+    assert _losses(got) == pytest.approx(_losses(ref), rel=rtol)
+    a, b = _adapter(got), _adapter(ref)
+    assert a.keys() == b.keys() and len(a) > 0
+    for k in b:
+        torch.testing.assert_close(a[k], b[k], rtol=rtol, atol=atol)
+    # and the adapter did train: the reference moved away from peft's zero B
+    assert any(v.abs().sum() > 0 for k, v in b.items() if "lora_B" in k)
+
+
+def test_activation_checkpointing_gives_the_same_adapter(lora_paths):
+    # recomputation replays the same ops on the CPU: the same numbers, bit for bit
+    _same_training(lora_paths["no_ac"], lora_paths["ac"], rtol=0, atol=0)
+
+
+def test_sequence_parallel_2_equals_one_process(lora_paths):
+    _same_training(lora_paths["sp2"], lora_paths["ac"], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.skipif(not INTERNEVO.is_dir(), reason="../shared conformance data not present")
+def test_an_internevo_checkpoint_trains_like_its_converted_folder(tmp_path, small_folder):
+    """LoRA on an InternEvo checkpoint == LoRA on that checkpoint converted with ``convert internevo2hf``:
+    the same losses and the same adapter, in InternLM2 names (which fit the converted folder, where
+    tests/test_lora.py checks them with peft)."""
+    converted = tmp_path / "converted"
+    assert cli_main(["convert", "internevo2hf", str(INTERNEVO), str(converted)]) == 0
+    works = {}
+    for name, model in (("internevo", INTERNEVO), ("converted", converted)):
+        folder = tmp_path / f"run_{name}"
+        folder.mkdir()
+        cfg = Path(lora_config_file(folder, str(model), small_folder, steps=3, lr=3e-2))
+        line = "tokenizer = dict(type=load_tokenizer, path=pretrained_model_name_or_path)"
+        assert line in cfg.read_text()  # an InternEvo checkpoint has no tokenizer files
+        cfg.write_text(cfg.read_text().replace(line, "tokenizer = None"))
+        works[name] = folder / "work"
+        _train_cli(str(cfg), works[name])
+    _same_training(works["internevo"], works["converted"], rtol=0, atol=0)
+    names = _adapter(works["internevo"]).keys()
+    assert any(".attention.wqkv.lora_A" in k for k in names) and any(".feed_forward.w2.lora_B" in k for k in names)
