@@ -336,7 +336,18 @@ def chat_data(tmp_path_factory) -> dict[str, str]:
     alpaca.mkdir()
     (alpaca / "train.json").write_text(json.dumps([{"instruction": x, "input": "", "output": y}
                                                    for x, y in zip(q * 2, a * 2)], ensure_ascii=False))
-    return {"conversation": str(conversation), "untokenized": str(untokenized), "alpaca": str(alpaca)}
+    oasst1 = root / "oasst1"  # a local dataset folder instead of timdettmers/openassistant-guanaco
+    oasst1.mkdir()
+    (oasst1 / "train.json").write_text(json.dumps([{"text": f"### Human: {x}### Assistant: {y}" + (
+        f"### Human: {y} {x}### Assistant: {x}" if i % 3 == 0 else "")} for i, (x, y) in enumerate(zip(q, a))],
+        ensure_ascii=False))
+    openai = root / "openai.json"  # the *_custom_sft_* configs' format (openai_map_fn), one answer not trained
+    openai.write_text(json.dumps([{"messages": [
+        {"role": "system", "content": "be brief"}, {"role": "user", "content": x},
+        {"role": "assistant", "content": y, "loss": i % 4 != 0}]} for i, (x, y) in enumerate(zip(q, a))],
+        ensure_ascii=False))
+    return {"conversation": str(conversation), "untokenized": str(untokenized), "alpaca": str(alpaca),
+            "oasst1": str(oasst1), "openai": str(openai)}
 
 
 def _xtuner_options(name: str, small_folder: str, chat_data: dict) -> list[str]:
@@ -344,11 +355,13 @@ def _xtuner_options(name: str, small_folder: str, chat_data: dict) -> list[str]:
     and samples every 2 iterations (XTuner's iterations: micro-batches; the alpaca config has 16 a step)."""
     common = {"max_length": 128, "max_new_tokens": 4, "save_steps": 2, "evaluation_freq": 2,
               "dataloader_num_workers": 0, "train_cfg.max_iters": 6}
-    data = {"internevo": {"dataset_folder": small_folder}, "untokenized": {"dataset_folder": chat_data["untokenized"]},
+    sixteen = {"save_steps": 32, "evaluation_freq": 32, "train_cfg.max_iters": 48}  # 16 iterations a step
+    data = {"oasst1": {"data_path": chat_data["oasst1"], **sixteen},
+            "custom_sft": {"data_files": [chat_data["openai"]], **sixteen},
+            "internevo": {"dataset_folder": small_folder}, "untokenized": {"dataset_folder": chat_data["untokenized"]},
             "tokenized": {"dataset_folder": small_folder},
             "custom": {"data_files": [chat_data["conversation"]]},
-            "alpaca": {"alpaca_en_path": chat_data["alpaca"], "save_steps": 32, "evaluation_freq": 32,
-                       "train_cfg.max_iters": 48}}
+            "alpaca": {"alpaca_en_path": chat_data["alpaca"], **sixteen}}
     kind = next(k for k in data if k in name)
     return [f"{k}={v!r}" for k, v in {**common, **data[kind]}.items()]
 
@@ -519,3 +532,81 @@ def test_an_mmengine_visualizer_becomes_tensorboard(xtuner_cfg, tmp_path):
     with pytest.raises(EvotuneError, match="WandbVisBackend` is an XTuner/mmengine name that evotune does not "
                                            "provide; use TensorboardVisBackend"):
         load_config(_write(tmp_path, "from mmengine.visualization import WandbVisBackend\n"))
+
+
+
+QLORA_CONFIGS = ["internlm2_chat_7b_qlora_oasst1_e3.py", "internlm2_chat_7b_qlora_custom_sft_e1.py"]
+
+
+@pytest.mark.parametrize("config", QLORA_CONFIGS)
+def test_an_xtuner_qlora_config_trains_unchanged(config, offline, hub_home, small_folder, chat_data, tmp_path,
+                                                 capsys):
+    """XTuner's QLoRA configs: NF4 base (bitsandbytes on the CPU), LoRA r=64 on every decoder linear, float16
+    compute with dynamic loss scaling, 16 iterations a step; the adapter trains, the base stays as loaded."""
+    from safetensors.torch import load_file
+
+    work = tmp_path / "work"
+    opts = _xtuner_options(config, small_folder, chat_data)
+    assert cli_main(["train", str(CONFIGS / config), "--work-dir", str(work), "--cfg-options", *opts]) == 0
+    out = capsys.readouterr().out
+    assert "trust_remote_code=True: evotune loads internlm/internlm2-chat-7b" in out
+    assert ("LoRA r=64 alpha=16 dropout=0.1 on all linear layers of the decoder (no target_modules given): "
+            "down_proj, gate_proj, k_proj, o_proj, q_proj, up_proj, v_proj") in out
+    assert "compute float16, trained weights float32, frozen 4-bit + float32" in out
+    assert "the first pack, decoded" in out  # DatasetInfoHook
+    settings = load_settings(str(CONFIGS / config), opts)
+    assert settings.optim.accumulative_counts == 16 and settings.optim.dtype == "float16"
+    records = read_metrics(work)
+    assert [r["step"] for r in records] == [1, 2, 3] and all(r["tokens"] == (i + 1) * 16 * 128
+                                                           for i, r in enumerate(records))
+    assert records[0]["loss_scale"] == 2.0 ** 16 and all(np.isfinite(r["loss"]) for r in records)
+    steps = [s for s, _ in dcp.list_checkpoints(work / "checkpoints")]
+    assert steps == [2, 3]  # save_steps 32 iterations = 2 steps, the last, max_keep_ckpts 2
+    assert all("lora_" in k for k in dcp.read_model_state(dcp.list_checkpoints(work / "checkpoints")[-1][1]))
+    samples = [json.loads(line) for line in (work / "eval_samples.jsonl").read_text().splitlines()]
+    assert sorted({s["step"] for s in samples}) == [0, 2, 3] and len(samples) == 6  # samples on the 4-bit model
+    # the PEFT adapter in InternLM2 names: A and B of wqkv, wo, w1, w2, w3 in both layers
+    adapter = work / "hf_adapter"
+    assert not (work / "hf").exists()
+    cfg = json.loads((adapter / "adapter_config.json").read_text())
+    assert (cfg["r"], cfg["lora_alpha"], cfg["lora_dropout"], cfg["peft_type"], cfg["task_type"]) == (
+        64, 16, 0.1, "LORA", "CAUSAL_LM")
+    assert sorted(cfg["target_modules"]) == ["w1", "w2", "w3", "wo", "wqkv"]
+    weights = load_file(adapter / "adapter_model.safetensors")
+    assert len(weights) == 2 * 5 * 2 and all(".attention." in k or ".feed_forward." in k for k in weights)
+    lora_b = [v for k, v in weights.items() if "lora_B" in k]
+    assert len(lora_b) == 10 and all(v.abs().max() > 0 for v in lora_b)  # B starts at zero: every one trained
+
+
+def test_samples_on_a_4bit_model_leave_its_training_gradients_exact(tiny_llama_dir):
+    """EvaluateChatHook samples the 4-bit model before the first step (eval mode, no grad). On an
+    AVX512-BF16 CPU bitsandbytes would repack the weights in place for inference, after which its matmul
+    passes no gradient to its input: the next training step's gradients must equal a fresh model's."""
+    from evotune.model.finetune import SupervisedFinetune
+    from evotune.train.evaluate import greedy_generate
+
+    def model():
+        quant = dict(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                     bnb_4bit_compute_dtype=torch.float32)
+        torch.manual_seed(0)
+        m = SupervisedFinetune(load_model(tiny_llama_dir, quantization_config=quant), activation_checkpointing=False,
+                               torch_compile=False, fused_kernels="none",
+                               lora=dict(r=4, lora_alpha=8, lora_dropout=0.0, task_type="CAUSAL_LM"))
+        with torch.no_grad():  # B = 0 at init would hide the gradient through the adapters; give it values
+            for name, p in m.named_parameters():
+                if "lora_B" in name:
+                    p.copy_(torch.randn_like(p) * 0.1)
+        return m
+
+    def grads(m):
+        ids = torch.arange(3, 35).view(1, -1)
+        m.llm(input_ids=ids).logits.float().logsumexp(-1).sum().backward()
+        return {n: p.grad.clone() for n, p in m.named_parameters() if p.requires_grad}
+
+    pytest.importorskip("bitsandbytes")
+    fresh, sampled = model(), model()
+    assert greedy_generate(sampled, [[3, 4, 5]], max_new_tokens=3, pad_id=0)
+    want, got = grads(fresh), grads(sampled)
+    assert len(want) == 28 and got.keys() == want.keys()
+    for k in want:
+        assert want[k].abs().max() > 0 and torch.equal(got[k], want[k]), k

@@ -219,6 +219,11 @@ def quantize(llm: nn.Module, spec, device=None) -> int:
                                            quant_storage=config.bnb_4bit_quant_storage, module=new)
             if old.bias is not None:
                 new.bias = nn.Parameter(old.bias.data, requires_grad=False)
+            # On an AVX512-BF16 CPU, bitsandbytes repacks the weight in place at the first eval-mode forward
+            # without grad (samples, validation) into an inference layout whose matmul passes no gradient to
+            # its input and rounds absmax to bf16; training after it would be silently wrong (and layers
+            # narrower than 64 fail). Keep the one layout training uses.
+            new.support_avx512bf16_for_cpu = False
             new.to(device if device is not None else old.weight.device)
             setattr(parent, name, new)
             replaced += 1
