@@ -45,8 +45,8 @@ SETTINGS = {
     # parallel
     "sequence_parallel_size", "activation_checkpointing", "torch_compile",
     # saving, logging, evaluation
-    "save_steps", "save_total_limit", "save_format", "log_interval", "valid_folder", "evaluation_freq",
-    "evaluation_inputs", "max_new_tokens", "prompt_template", "SYSTEM", "visualizer",
+    "save_steps", "save_total_limit", "save_format", "save_merged", "log_interval", "valid_folder",
+    "evaluation_freq", "evaluation_inputs", "max_new_tokens", "prompt_template", "SYSTEM", "visualizer",
 }
 FILE_VARIABLES = {"warm_up_ratio", "torch_dtype",
                   "optim_type", "dataloader_num_workers"}  # XTuner's names: optimizer=dict(type=optim_type, ...)

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from evotune.checkpoint.adapter import export_adapter, merge_into_plan, read_adapter
+from evotune.checkpoint.adapter import export_adapter, merge_adapter
 from evotune.checkpoint.dcp import HF_CONFIG, TRAINER_STATE, checkpoints_dir, list_checkpoints, model_plan
 from evotune.checkpoint.hf import DEFAULT_SHARD_BYTES, LazyWeights, export_plan, write_hf_dir
 from evotune.checkpoint.internevo import InternEvoCheckpoint, config_for_json, write_internevo
@@ -282,18 +282,7 @@ def pth_to_hf(src, dst, *, model_path=None, save_format: str | None = None, dtyp
 
 
 def merge(base, adapter, out, *, dtype=None, max_shard_bytes: int | None = None, overwrite: bool = False) -> Path:
-    """Base + PEFT LoRA adapter -> a folder in the base's own layout (an InternLM2 base stays InternLM2: its
-    adapter is in InternLM2 names, evotune/checkpoint/adapter.py), streamed one tensor at a time
-    (XTuner's ``xtuner convert merge``)."""
-    base = Path(hub.resolve(base))
-    fmt = detect_format(base)
-    if fmt == "internevo":
-        raise EvotuneError(f"{base}: an InternEvo checkpoint; convert it with 'evotune convert internevo2hf' first "
-                           "and merge the adapter into that folder")
-    modules, config = read_adapter(adapter)
-    plan = merge_into_plan(LazyWeights(base).plan(), modules, config, where=str(adapter))
-    extra = tuple(sorted(base.glob("*.py")))  # an InternLM2 base's remote code, if it had it
-    gen = base / "generation_config.json"
-    return write_hf_dir(plan, read_config_json(base), out, dtype=dtype, extra_files=extra + ((gen,) if gen.is_file()
-                        else ()), tokenizer_path=base, overwrite=overwrite,
-                        max_shard_bytes=max_shard_bytes or DEFAULT_SHARD_BYTES)
+    """Base (a folder or hub id) + PEFT LoRA adapter -> a folder in the base's own layout (XTuner's
+    ``xtuner convert merge``; :func:`evotune.checkpoint.adapter.merge_adapter`)."""
+    return merge_adapter(hub.resolve(base), adapter, out, dtype=dtype, max_shard_bytes=max_shard_bytes,
+                         overwrite=overwrite)

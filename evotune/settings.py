@@ -295,6 +295,8 @@ class CheckpointSettings:
                         doc="keep the newest N checkpoints (< 1 or None: all)")
     save_format: str | None = setting(None, "save_format", check=optional(one_of("huggingface", "internlm2")),
                                       doc="layout of hf/ (None: the layout the model came in)")
+    save_merged: bool = setting(False, "save_merged", check=boolean,
+                                doc="LoRA: also write hf/, the base + adapter merged (as evotune convert merge)")
 
 
 @dataclass(frozen=True)
@@ -551,6 +553,10 @@ def resolve(cfg: dict, *, seed: int | None = None, work_dir: str | None = None, 
                 source += f" ({value} iterations of {accum} micro-batches per step)"
         where_from[key] = source
     _check_xtuner_combinations(values, cfg, sources, where_from)
+    if values["checkpoint"]["save_merged"] and not (values["model"]["spec"] or {}).get("lora"):
+        raise EvotuneError(f"save_merged=True ({where_from['checkpoint.save_merged']}) merges a LoRA adapter into "
+                           "its base, but the model has no lora=: a full fine-tune writes hf/ anyway; remove "
+                           "save_merged or add lora=dict(type=LoraConfig, ...) to the model")
     return Settings(**{name: SECTIONS[name](**values[name]) for name in SECTIONS},
                     sources=MappingProxyType(where_from))
 

@@ -110,6 +110,7 @@ def test_refused_lora_options_say_why():
 def lora_run(tmp_path_factory, tiny_llama_dir, small_folder):
     tmp = tmp_path_factory.mktemp("lora_run")
     cfg = lora_config_file(tmp, tiny_llama_dir, small_folder, steps=12, lr=3e-2)
+    Path(cfg).write_text(Path(cfg).read_text() + "save_merged = True\n")
     work = tmp / "work"
     assert cli_main(["train", cfg, "--work-dir", str(work)]) == 0
     return work
@@ -172,6 +173,65 @@ def test_exported_adapter_loads_in_peft_and_merges(lora_run, tiny_llama_dir, tmp
     again, _ = read_adapter(tmp_path / "again")
     first, _ = read_adapter(adapter)
     assert again.keys() == first.keys() and all(torch.equal(again[k][1], first[k][1]) for k in first)
+
+
+def _assert_same_folder(got: Path, want: Path) -> None:
+    """The same config.json and the same tensors, bit for bit."""
+    assert json.loads((got / "config.json").read_text()) == json.loads((want / "config.json").read_text())
+    a, b = load_file(got / "model.safetensors"), load_file(want / "model.safetensors")
+    assert a.keys() == b.keys() and all(a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]) for k in a)
+
+
+def test_save_merged_writes_hf_as_convert_merge_does(lora_run, tiny_llama_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    assert cli_main(["convert", "merge", tiny_llama_dir, str(lora_run / "hf_adapter"), str(tmp_path / "merged")]) == 0
+    _assert_same_folder(lora_run / "hf", tmp_path / "merged")
+    assert load_file(lora_run / "hf" / "model.safetensors").keys() == load_file(
+        Path(tiny_llama_dir) / "model.safetensors").keys()  # the base's layout, no adapter keys
+    step = dcp.list_checkpoints(dcp.checkpoints_dir(str(lora_run)))[-1][1]
+    ids = torch.randint(3, 128, (2, 17))
+    merged = AutoModelForCausalLM.from_pretrained(lora_run / "hf", dtype=torch.float32)
+    with torch.no_grad():  # merged == base + adapter as trained
+        torch.testing.assert_close(merged(ids).logits, _evotune_lora_logits(tiny_llama_dir, step, ids), rtol=0,
+                                   atol=1e-5)
+
+
+def test_save_merged_without_lora_is_one_line(tmp_path, tiny_llama_dir, small_folder, capsys):
+    cfg = Path(write_config(tmp_path, tiny_llama_dir, small_folder, steps=1))
+    cfg.write_text(cfg.read_text() + "save_merged = True\n")
+    assert cli_main(["train", str(cfg), "--work-dir", str(tmp_path / "w")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["evotune: error: save_merged=True (cfg.py: save_merged) merges a LoRA adapter into its base, but "
+                   "the model has no lora=: a full fine-tune writes hf/ anyway; remove save_merged or add "
+                   "lora=dict(type=LoraConfig, ...) to the model"]
+
+
+INTERNEVO = Path(__file__).resolve().parents[1].parent / "shared" / "conformance" / "internlm2" / \
+    "internevo_ckpt_tp1pp1"
+
+
+@pytest.mark.parametrize("case", ["internevo", "save_format"])
+def test_save_merged_refusals_at_start(case, tmp_path, tiny_llama_dir, small_folder, capsys):
+    if case == "internevo" and not INTERNEVO.is_dir():
+        pytest.skip("../shared conformance data not present")
+    model = str(INTERNEVO) if case == "internevo" else tiny_llama_dir
+    cfg = Path(lora_config_file(tmp_path, model, small_folder, steps=1))
+    extra = "save_merged = True\n" + ("save_format = 'internlm2'\n" if case == "save_format" else "")
+    cfg.write_text(cfg.read_text().replace(
+        "tokenizer = dict(type=load_tokenizer, path=pretrained_model_name_or_path)", "tokenizer = None") + extra)
+    work = tmp_path / "w"
+    assert cli_main(["train", str(cfg), "--work-dir", str(work)]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("evotune")]
+    want = {"internevo": f"evotune: error: save_merged=True (cfg.py: save_merged): the base {INTERNEVO} is an "
+                         "InternEvo checkpoint, which evotune convert merge does not merge into; remove save_merged, "
+                         "convert the base with 'evotune convert internevo2hf' and run 'evotune convert merge' on "
+                         "that folder and hf_adapter/",
+            "save_format": "evotune: error: save_merged=True (cfg.py: save_merged) writes hf/ in the base's "
+                           "huggingface layout from an adapter in that layout, but save_format='internlm2' "
+                           "(cfg.py: save_format) writes hf_adapter/ in another; remove one of them"}
+    assert err == [want[case]]
+    assert not (work / "metrics.jsonl").exists()  # refused before the first step
 
 
 # ---------------------------------------------------------------- InternLM2 base: adapter in InternLM2 names
@@ -259,6 +319,7 @@ def test_internlm2_adapter_in_internlm2_names_loads_in_peft_and_merges(tmp_path,
     with torch.no_grad():  # the reference is InternLM2: it gives evotune's (Llama-loaded) logits
         torch.testing.assert_close(reference(ids), load_model(base)(ids).logits, rtol=0, atol=1e-5)
     cfg = lora_config_file(tmp_path, str(base), small_folder, steps=4, lr=3e-2)
+    Path(cfg).write_text(Path(cfg).read_text() + "save_merged = True\n")
     work = tmp_path / "work"
     assert cli_main(["train", cfg, "--work-dir", str(work)]) == 0
     adapter = work / "hf_adapter"
@@ -279,6 +340,7 @@ def test_internlm2_adapter_in_internlm2_names_loads_in_peft_and_merges(tmp_path,
     assert "model.layers.0.attention.wqkv.weight" in load_file(merged / "model.safetensors")
     with torch.no_grad():
         torch.testing.assert_close(load_model(merged)(ids).logits, ours, rtol=0, atol=1e-5)
+    _assert_same_folder(work / "hf", merged)  # save_merged: the same InternLM2 folder
 
 
 # ---------------------------------------------------------------- QLoRA
@@ -291,6 +353,7 @@ QLORA_LLM = (", quantization_config=dict(type=BitsAndBytesConfig, load_in_4bit=T
 def test_qlora_nf4_on_cpu_trains_and_its_loss_falls(tmp_path, tiny_llama_dir, small_folder, capsys):
     pytest.importorskip("bitsandbytes")
     cfg = lora_config_file(tmp_path, tiny_llama_dir, small_folder, llm_extra=QLORA_LLM, steps=40, lr=3e-2)
+    Path(cfg).write_text(Path(cfg).read_text() + "save_merged = True\n")
     work = tmp_path / "work"
     assert cli_main(["train", cfg, "--work-dir", str(work)]) == 0
     out = capsys.readouterr().out
@@ -299,6 +362,12 @@ def test_qlora_nf4_on_cpu_trains_and_its_loss_falls(tmp_path, tiny_llama_dir, sm
     assert np.mean([r["loss"] for r in rows[-3:]]) < rows[0]["loss"] - 0.05
     modules, config = read_adapter(work / "hf_adapter")
     assert len(modules) == 14 and config["r"] == 4
+    # save_merged: the adapter merged into the unquantised base read from the model path (as convert merge)
+    _assert_same_folder(work / "hf", merge(tiny_llama_dir, str(work / "hf_adapter"), tmp_path / "merged"))
+    base = load_file(Path(tiny_llama_dir) / "model.safetensors")
+    hf = load_file(work / "hf" / "model.safetensors")
+    assert hf.keys() == base.keys() and all(t.dtype == torch.float32 for t in hf.values())
+    assert not torch.equal(hf["model.layers.0.self_attn.q_proj.weight"], base["model.layers.0.self_attn.q_proj.weight"])
 
 
 def test_qlora_without_bitsandbytes_names_the_install_command(monkeypatch, tiny_llama_dir):
@@ -336,14 +405,21 @@ def _train_cli(cfg: str, work: Path, *args: str, nproc: int = 1):
 
 
 @pytest.fixture(scope="module")
-def sharded_runs(tmp_path_factory, tiny_llama_dir, small_folder):
-    tmp = tmp_path_factory.mktemp("lora_sharded")
+def one_rank_run(tmp_path_factory, tiny_llama_dir, small_folder) -> tuple[Path, str]:
+    """(work dir, config) of an uninterrupted 4-step LoRA run on one process, checkpoints at steps 2 and 4."""
+    tmp = tmp_path_factory.mktemp("lora_one")
     one = lora_config_file(tmp, tiny_llama_dir, small_folder, steps=4, lr=3e-2, accum=2)
     Path(one).write_text(Path(one).read_text() + "save_steps = 2\n")
+    _train_cli(one, tmp / "one")
+    return tmp / "one", one
+
+
+@pytest.fixture(scope="module")
+def sharded_runs(tmp_path_factory, one_rank_run):
+    tmp = tmp_path_factory.mktemp("lora_sharded")
+    runs, one = {"one": one_rank_run[0]}, one_rank_run[1]
     two = tmp / "cfg2.py"
     two.write_text(Path(one).read_text().replace("accumulative_counts = 2", "accumulative_counts = 1"))
-    runs = {"one": tmp / "one"}
-    _train_cli(one, runs["one"])
     for preset in ("deepspeed_zero2", "deepspeed_zero3"):
         runs[preset] = tmp / preset
         _train_cli(str(two), runs[preset], "--deepspeed", preset, nproc=2)
@@ -390,3 +466,26 @@ def test_resume_is_bitwise_and_moves_to_another_world_size(sharded_runs, tmp_pat
     got, ref = _adapter(moved), _adapter(runs["one"])
     for k in ref:
         torch.testing.assert_close(got[k], ref[k], rtol=1e-4, atol=1e-6)
+
+
+def test_sigkill_mid_step_then_resume_auto_is_bitwise(one_rank_run, tmp_path):
+    """A LoRA run killed with SIGKILL in step 3 (backward done, optimizer not stepped; tests/test_faults.py's
+    forked runner) continues with --resume auto from checkpoint 2 to the uninterrupted run's adapter and losses."""
+    from tests.test_faults import Zygote
+
+    reference, cfg = one_rank_run
+    work = tmp_path / "killed"
+    argv = ["train", cfg, "--work-dir", str(work), "--device", "cpu"]
+    zygote = Zygote(tmp_path)
+    try:
+        result, log = zygote.run(argv, "step", 3)
+        assert result["killed"], log[-3000:]
+        assert [r["step"] for r in _metrics(work)] == [1, 2] and not (work / "hf_adapter").exists()
+        result, log = zygote.run([*argv, "--resume", "auto"])
+        assert result["code"] == 0, log[-3000:]
+    finally:
+        zygote.close()
+    assert f"evotune: resumed from {work / 'checkpoints' / 'step_2'} " in log
+    a, b = _adapter(work), _adapter(reference)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert [(r["step"], r["loss"]) for r in _metrics(work)] == [(r["step"], r["loss"]) for r in _metrics(reference)]

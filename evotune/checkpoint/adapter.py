@@ -24,7 +24,8 @@ and in its own block of columns (zeros elsewhere), so that
 rescaled if theirs differs).
 
 :func:`merge_into_plan` adds an adapter to a base's weights as a plan
-(evotune/checkpoint/plan.py): one tensor at a time, in the base's own layout.
+(evotune/checkpoint/plan.py): one tensor at a time, in the base's own layout;
+:func:`merge_adapter` writes that merged folder.
 """
 
 from __future__ import annotations
@@ -38,8 +39,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from evotune.checkpoint.atomic import AtomicDir
+from evotune.checkpoint.hf import DEFAULT_SHARD_BYTES, LazyWeights, write_hf_dir
 from evotune.checkpoint.internlm2 import merge_wqkv
 from evotune.checkpoint.plan import Planned
+from evotune.checkpoint.source import detect_format, read_config_json
 from evotune.errors import EvotuneError
 
 CONFIG_NAME = "adapter_config.json"
@@ -172,6 +175,24 @@ def merge_into_plan(plan: dict[str, Planned], modules: dict[str, tuple[torch.Ten
 
         out[key] = Planned(p.shape, p.dtype, load)
     return out
+
+
+def merge_adapter(base, adapter, out, *, dtype=None, max_shard_bytes: int | None = None,
+                  overwrite: bool = False) -> Path:
+    """A local base folder + PEFT LoRA adapter -> a folder in the base's own layout (an InternLM2 base stays
+    InternLM2: its adapter is in InternLM2 names), streamed one tensor at a time. ``evotune convert merge``
+    and the end of a ``save_merged`` training run (evotune/train/loop.py) both write with it."""
+    base = Path(base)
+    if detect_format(base) == "internevo":
+        raise EvotuneError(f"{base}: an InternEvo checkpoint; convert it with 'evotune convert internevo2hf' first "
+                           "and merge the adapter into that folder")
+    modules, config = read_adapter(adapter)
+    plan = merge_into_plan(LazyWeights(base).plan(), modules, config, where=str(adapter))
+    extra = tuple(sorted(base.glob("*.py")))  # an InternLM2 base's remote code, if it had it
+    gen = base / "generation_config.json"
+    return write_hf_dir(plan, read_config_json(base), out, dtype=dtype, extra_files=extra + ((gen,) if gen.is_file()
+                        else ()), tokenizer_path=base, overwrite=overwrite,
+                        max_shard_bytes=max_shard_bytes or DEFAULT_SHARD_BYTES)
 
 
 def export_adapter(modules: dict[str, tuple[torch.Tensor, torch.Tensor]], config: dict, out_dir, *,

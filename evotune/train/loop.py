@@ -44,7 +44,7 @@ import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
 from evotune.checkpoint import dcp
-from evotune.checkpoint.adapter import export_adapter
+from evotune.checkpoint.adapter import export_adapter, merge_adapter
 from evotune.checkpoint.checkpointer import Checkpointer, Resumed, TrainState
 from evotune.checkpoint.hf import save_hf
 from evotune.checkpoint.source import ModelSource
@@ -180,6 +180,7 @@ def _train(s: Settings, env: DistEnv, stop: StopSignals) -> dict:
     if len(dataset) == 0:
         raise EvotuneError(f"dataset_folder '{s.data.folder}': no pack of max_length tokens could be made")
     m = _build_model(s, dataset, pmesh, strategy, env)
+    _check_save_merged(s, m)  # before training: the merge at the end needs the base's folder
     optimizer = build_optimizer(s.optim.optimizer, [p for p in m.module.parameters() if p.requires_grad],
                                 env.device)
     n_steps = total_steps(s.schedule, sampler.steps_per_epoch)
@@ -276,7 +277,8 @@ def _train(s: Settings, env: DistEnv, stop: StopSignals) -> dict:
 
     if getattr(m.module, "lora_config", None) is not None:
         hf_dir = os.path.join(work_dir, "hf_adapter")
-        _export_adapter(m, s, hf_dir, env)
+        _export_adapter(m, s, hf_dir, env, merged_dir=os.path.join(work_dir, "hf") if s.checkpoint.save_merged
+                        else None)
     else:
         hf_dir = os.path.join(work_dir, "hf")
         _export(m, s, hf_dir, env)
@@ -496,8 +498,32 @@ def _lora_record(module) -> dict | None:
     return adapter_config(config, source.path if source else None)
 
 
-def _export_adapter(m: _Model, s: Settings, out_dir: str, env: DistEnv) -> None:
-    """Gather the adapter (rank 0, CPU) and write it as a PEFT directory in the base's layout (docs/lora.md)."""
+def _check_save_merged(s: Settings, m: _Model) -> None:
+    """``save_merged`` merges the exported adapter into the base's folder (:func:`merge_adapter`, as
+    ``evotune convert merge``): refused at start where that cannot work. (Without ``lora=`` it is refused
+    with the settings, evotune/settings.py.)"""
+    if not s.checkpoint.save_merged or getattr(m.module, "lora_config", None) is None:
+        return
+    where = f"save_merged=True ({s.sources['checkpoint.save_merged']})"
+    source = ModelSource.of(m.llm)
+    if source is None or source.path is None:
+        raise EvotuneError(f"{where} merges into the base's folder, but the model was not loaded from one "
+                           "(llm=dict(type=load_model, path=...)); remove save_merged")
+    if source.format == "internevo":
+        raise EvotuneError(f"{where}: the base {source.path} is an InternEvo checkpoint, which evotune convert merge "
+                           "does not merge into; remove save_merged, convert the base with 'evotune convert "
+                           "internevo2hf' and run 'evotune convert merge' on that folder and hf_adapter/")
+    layout = "internlm2" if source.format == "internlm2" else "huggingface"
+    if s.checkpoint.save_format not in (None, layout):
+        raise EvotuneError(f"{where} writes hf/ in the base's {layout} layout from an adapter in that layout, but "
+                           f"save_format={s.checkpoint.save_format!r} ({s.sources['checkpoint.save_format']}) "
+                           "writes hf_adapter/ in another; remove one of them")
+
+
+def _export_adapter(m: _Model, s: Settings, out_dir: str, env: DistEnv, merged_dir: str | None = None) -> None:
+    """Gather the adapter (rank 0, CPU) and write it as a PEFT directory in the base's layout (docs/lora.md);
+    with ``merged_dir`` (``save_merged``) also the base + adapter merged there, read from the base's folder
+    as ``evotune convert merge`` does (for QLoRA: the unquantised base)."""
     state = get_model_state_dict(m.module, options=StateDictOptions(full_state_dict=True, ignore_frozen_params=True,
                                                                   cpu_offload=dist.is_initialized()))
     if env.is_main:
@@ -508,6 +534,9 @@ def _export_adapter(m: _Model, s: Settings, out_dir: str, env: DistEnv) -> None:
                        heads=config.num_attention_heads,
                        kv_heads=getattr(config, "num_key_value_heads", None) or config.num_attention_heads,
                        save_format=s.checkpoint.save_format, overwrite=True)
+        if merged_dir is not None:
+            merge_adapter(source.path, out_dir, merged_dir, overwrite=True)
+            print(f"evotune: merged model (base {source.path} + adapter) in {merged_dir}")
     if dist.is_initialized():
         dist.barrier()
 
