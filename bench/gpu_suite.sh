@@ -13,6 +13,8 @@
 # table shows which is fastest. A path that runs out of memory is a row saying so; a process is stopped after
 # --per-run seconds. Prints one table (path, shape, tokens/s, MFU, peak memory, syncs/step, loss check across
 # the processes of a shape) and the ratios a/d; writes gpu_suite.json and gpu_suite.log under $OUT when set.
+# Last, bench/lora_memory.py: LoRA bf16 / QLoRA NF4 peak memory and step time of the whole InternLM2-7B at 2k
+# tokens (its table, ratios and verdict; lora_memory.json under $OUT), allowed 10 x --per-run seconds.
 set -uo pipefail
 
 DEVICE=cuda QUICK=0 WHEELS="" PER_RUN=120 STEPS="" PY=${PYTHON:-python3}
@@ -88,6 +90,11 @@ for shape in "${SHAPES[@]}"; do
         done
     fi
 done
+# LoRA / QLoRA peak memory and step time, InternLM2-7B at 2k tokens, all 32 layers measured (docs/performance.md)
+lora=(--layers 32); [ "$QUICK" = 1 ] && lora=(--shape tiny --tokens 256 --steps 1)
+echo "## lora-memory: python bench/lora_memory.py --device $DEVICE ${lora[*]}" | tee -a "$LOG"
+timeout $(( PER_RUN * 10 )) "$PY" "$HERE/lora_memory.py" --device "$DEVICE" "${lora[@]}" \
+    ${OUT:+--json "$OUT/lora_memory.json"} 2>&1 | tee -a "$LOG" | grep -E '^(\||ratio|verdict)'
 echo "## suite: $(( $(date +%s) - start )) s" | tee -a "$LOG"
 
 "$PY" - "$WORK" "${OUT:-}" <<'EOF' | tee -a "$LOG"
