@@ -86,15 +86,17 @@ def test_an_earlier_run_is_set_aside_whole_with_how_to_continue_it(tmp_path, cap
     (work / "checkpoints" / "step_3").mkdir(parents=True)
     for name in (".metadata", "trainer_state.json"):
         (work / "checkpoints" / "step_3" / name).write_text("{}")
-    (work / "hf").mkdir()
-    (work / "hf" / "config.json").write_text("{}")
+    for name in ("hf", "hf_adapter"):  # a LoRA run's adapter too
+        (work / name).mkdir()
+        (work / name / "config.json").write_text("{}")
     for name in ("metrics.jsonl", "eval_samples.jsonl"):
         (work / name).write_text('{"step": 1}\n')
     (work / workdir.LOCK_FILE).write_text("{}")  # the new run's own lock stays
     aside = Path(workdir.set_aside_run(str(work)))
     assert sorted(p.name for p in work.iterdir()) == [workdir.LOCK_FILE]
-    assert sorted(p.name for p in aside.iterdir()) == ["checkpoints", "eval_samples.jsonl", "hf", "metrics.jsonl"]
-    assert (f"held an earlier run (checkpoints, hf, metrics.jsonl, eval_samples.jsonl); moved to {aside}: continue it "
+    assert sorted(p.name for p in aside.iterdir()) == ["checkpoints", "eval_samples.jsonl", "hf", "hf_adapter",
+                                                       "metrics.jsonl"]
+    assert (f"held an earlier run (checkpoints, hf, hf_adapter, metrics.jsonl, eval_samples.jsonl); moved to {aside}: continue it "
             f"with --work-dir {aside} --resume auto (from step 3)") in capsys.readouterr().out
     assert dcp.resolve_resume("auto", str(aside)).endswith("step_3")
     assert workdir.set_aside_run(str(work)) is None

@@ -276,14 +276,14 @@ def _train(s: Settings, env: DistEnv, stop: StopSignals) -> dict:
             visualizer.close()
 
     if getattr(m.module, "lora_config", None) is not None:
-        hf_dir = os.path.join(work_dir, "hf_adapter")
+        hf_dir, hf_kind = os.path.join(work_dir, "hf_adapter"), "PEFT adapter"  # + hf/ merged: printed there
         _export_adapter(m, s, hf_dir, env, merged_dir=os.path.join(work_dir, "hf") if s.checkpoint.save_merged
                         else None)
     else:
-        hf_dir = os.path.join(work_dir, "hf")
+        hf_dir, hf_kind = os.path.join(work_dir, "hf"), "Hugging Face model"
         _export(m, s, hf_dir, env)
-    return {"final_loss": last_loss, "steps": state.step, "hf_dir": hf_dir, "metrics": metrics_path,
-            "checkpoint": checkpointer.path(state.step)}
+    return {"final_loss": last_loss, "steps": state.step, "hf_dir": hf_dir, "hf_kind": hf_kind,
+            "metrics": metrics_path, "checkpoint": checkpointer.path(state.step)}
 
 
 def _collate(packs: list[dict], loss_reduction: str, pmesh: ParallelMesh) -> dict:

@@ -104,6 +104,6 @@ def main(args: argparse.Namespace) -> int:
     if env.is_main:
         print(f"evotune: done: {summary['steps']} steps, final loss {summary['final_loss']:.4f}")
         print(f"evotune: checkpoint in {summary['checkpoint']}")
-        print(f"evotune: Hugging Face model in {summary['hf_dir']}")
+        print(f"evotune: {summary['hf_kind']} in {summary['hf_dir']}")
         print(f"evotune: metrics in {summary['metrics']}")
     return 0

@@ -34,7 +34,7 @@ from evotune.errors import EvotuneError
 
 LOCK_FILE = ".evotune.lock"
 # what a run writes into its work dir (evotune/train/loop.py, evaluate.py, tensorboard.py)
-RUN_OUTPUTS = (dcp.CHECKPOINTS, "hf", "metrics.jsonl", "eval_samples.jsonl", "tensorboard")
+RUN_OUTPUTS = (dcp.CHECKPOINTS, "hf", "hf_adapter", "metrics.jsonl", "eval_samples.jsonl", "tensorboard")
 
 
 def prepare(work_dir: str) -> None:
