@@ -17,6 +17,8 @@ What a name becomes:
 * ``AutoModelForCausalLM.from_pretrained`` / ``AutoTokenizer.from_pretrained``:
   evotune's loaders (:func:`evotune.model.load.load_model`, ``load_tokenizer``);
   remote code never runs, ``trust_remote_code=True`` is accepted and said once;
+* ``BitsAndBytesConfig``: transformers' own, with its named parameters only (an
+  unknown key is refused, not logged and ignored), the LLM.int8() keys fixed;
 * a :class:`Marker` for the names that describe the run rather than build an
   object (hooks, ``AmpOptimWrapper``, ``TrainLoop``, ``BatchSampler``,
   ``default_collate_fn``, the visualizer): a ``dict(type=<marker>, ...)`` is read
@@ -215,6 +217,30 @@ class AutoTokenizer:
         return tokenizer
 
 
+def BitsAndBytesConfig(*, load_in_8bit: bool = False, load_in_4bit: bool = False, llm_int8_threshold: float = 6.0,
+                       llm_int8_skip_modules=None, llm_int8_enable_fp32_cpu_offload: bool = False,
+                       llm_int8_has_fp16_weight: bool = False, bnb_4bit_compute_dtype=None,
+                       bnb_4bit_quant_type: str = "fp4", bnb_4bit_use_double_quant: bool = False,
+                       bnb_4bit_quant_storage=None):
+    """``transformers.BitsAndBytesConfig`` in a config, with its named parameters only.
+
+    The real class takes ``**kwargs`` and only logs the ones it does not know, so
+    a misspelt ``bnb_4bit_quant_type`` would quietly train FP4; here an unknown
+    key is refused at load like any ``type=`` dict's (evotune/config.py). What
+    each key does: evotune/model/lora.py ``quantize`` (docs/lora.md); the two
+    LLM.int8() keys are :data:`fixed` at their defaults.
+    """
+    kwargs = dict(locals())  # the named parameters, nothing else
+    from transformers import BitsAndBytesConfig as real
+
+    return real(**kwargs)
+
+
+_INT8_ONLY = "an LLM.int8() (8-bit) setting, which does nothing to the 4-bit layers evotune trains; remove it"
+BitsAndBytesConfig.fixed = {"llm_int8_threshold": ((6.0, 6), _INT8_ONLY),
+                            "llm_int8_has_fp16_weight": ((False,), _INT8_ONLY)}
+
+
 def tokenizer_path(spec: dict | None) -> str | None:
     """The folder or hub id a ``tokenizer`` dict names: evotune's ``path=`` or XTuner's
     ``pretrained_model_name_or_path=``."""
@@ -263,7 +289,8 @@ MODULES: dict[str, dict[str, str]] = {
 }
 # installed packages where only some names change; the rest is the real module
 OVERLAID: dict[str, dict[str, str]] = {
-    "transformers": {"AutoModelForCausalLM": "here:AutoModelForCausalLM", "AutoTokenizer": "here:AutoTokenizer"},
+    "transformers": {"AutoModelForCausalLM": "here:AutoModelForCausalLM", "AutoTokenizer": "here:AutoTokenizer",
+                     "BitsAndBytesConfig": "here:BitsAndBytesConfig"},
     "torch.utils.data": {"BatchSampler": "here:BatchSampler"},
 }
 # XTuner names evotune does not provide, and what to use instead

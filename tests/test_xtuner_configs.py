@@ -352,12 +352,14 @@ def chat_data(tmp_path_factory) -> dict[str, str]:
 
 def _xtuner_options(name: str, small_folder: str, chat_data: dict) -> list[str]:
     """Only paths, lengths and intervals: the data, 128-token packs, 4-token answers, 6 iterations, saves
-    and samples every 2 iterations (XTuner's iterations: micro-batches; the alpaca config has 16 a step)."""
+    and samples every 2 iterations (XTuner's iterations: micro-batches; the alpaca config has 16 a step, the
+    QLoRA ones too: 64-token packs and 2 steps there)."""
     common = {"max_length": 128, "max_new_tokens": 4, "save_steps": 2, "evaluation_freq": 2,
               "dataloader_num_workers": 0, "train_cfg.max_iters": 6}
     sixteen = {"save_steps": 32, "evaluation_freq": 32, "train_cfg.max_iters": 48}  # 16 iterations a step
-    data = {"oasst1": {"data_path": chat_data["oasst1"], **sixteen},
-            "custom_sft": {"data_files": [chat_data["openai"]], **sixteen},
+    qlora = {"max_length": 64, "save_steps": 16, "evaluation_freq": 32, "train_cfg.max_iters": 32}  # 2 steps of 16
+    data = {"oasst1": {"data_path": chat_data["oasst1"], **qlora},
+            "custom_sft": {"data_files": [chat_data["openai"]], **qlora},
             "internevo": {"dataset_folder": small_folder}, "untokenized": {"dataset_folder": chat_data["untokenized"]},
             "tokenized": {"dataset_folder": small_folder},
             "custom": {"data_files": [chat_data["conversation"]]},
@@ -542,7 +544,7 @@ QLORA_CONFIGS = ["internlm2_chat_7b_qlora_oasst1_e3.py", "internlm2_chat_7b_qlor
 def test_an_xtuner_qlora_config_trains_unchanged(config, offline, hub_home, small_folder, chat_data, tmp_path,
                                                  capsys):
     """XTuner's QLoRA configs: NF4 base (bitsandbytes on the CPU), LoRA r=64 on every decoder linear, float16
-    compute with dynamic loss scaling, 16 iterations a step; the adapter trains, the base stays as loaded."""
+    compute with dynamic loss scaling, 16 iterations a step; only the adapter trains and is saved."""
     from safetensors.torch import load_file
 
     work = tmp_path / "work"
@@ -552,20 +554,26 @@ def test_an_xtuner_qlora_config_trains_unchanged(config, offline, hub_home, smal
     assert "trust_remote_code=True: evotune loads internlm/internlm2-chat-7b" in out
     assert ("LoRA r=64 alpha=16 dropout=0.1 on all linear layers of the decoder (no target_modules given): "
             "down_proj, gate_proj, k_proj, o_proj, q_proj, up_proj, v_proj") in out
+    # trainable: r * (in + out) for each adapted linear of the tiny InternLM2 (hidden 32, kv rows 16, mlp 48)
+    shapes = [(32, 32), (32, 16), (32, 16), (32, 32), (32, 48), (32, 48), (48, 32)]  # q k v o gate up down
+    assert f"trainable parameters {2 * sum(64 * (i + o) for i, o in shapes):,} (" in out
     assert "compute float16, trained weights float32, frozen 4-bit + float32" in out
     assert "the first pack, decoded" in out  # DatasetInfoHook
     settings = load_settings(str(CONFIGS / config), opts)
-    assert settings.optim.accumulative_counts == 16 and settings.optim.dtype == "float16"
+    assert (settings.optim.accumulative_counts, settings.optim.dtype, settings.optim.lr) == (16, "float16", 2e-4)
     records = read_metrics(work)
-    assert [r["step"] for r in records] == [1, 2, 3] and all(r["tokens"] == (i + 1) * 16 * 128
-                                                           for i, r in enumerate(records))
+    assert [r["step"] for r in records] == [1, 2] and all(r["tokens"] == (i + 1) * 16 * 64
+                                                        for i, r in enumerate(records))
     assert records[0]["loss_scale"] == 2.0 ** 16 and all(np.isfinite(r["loss"]) for r in records)
-    steps = [s for s, _ in dcp.list_checkpoints(work / "checkpoints")]
-    assert steps == [2, 3]  # save_steps 32 iterations = 2 steps, the last, max_keep_ckpts 2
-    assert all("lora_" in k for k in dcp.read_model_state(dcp.list_checkpoints(work / "checkpoints")[-1][1]))
+    assert not any(r["skipped"] for r in records)  # both steps applied
+    # default_hooks.checkpoint: every 16 iterations = 1 step, max_keep_ckpts 2; a checkpoint is the adapter only
+    checkpoints = dcp.list_checkpoints(work / "checkpoints")
+    assert [s for s, _ in checkpoints] == [1, 2]
+    state = dcp.read_model_state(checkpoints[-1][1])
+    assert len(state) == 28 and all(".lora_A." in k or ".lora_B." in k for k in state)
     samples = [json.loads(line) for line in (work / "eval_samples.jsonl").read_text().splitlines()]
-    assert sorted({s["step"] for s in samples}) == [0, 2, 3] and len(samples) == 6  # samples on the 4-bit model
-    # the PEFT adapter in InternLM2 names: A and B of wqkv, wo, w1, w2, w3 in both layers
+    assert sorted({s["step"] for s in samples}) == [0, 2] and len(samples) == 4  # samples on the 4-bit model
+    # work_dir/hf_adapter: a PEFT adapter in InternLM2 names (wqkv, wo, w1, w2, w3 in both layers), no hf/
     adapter = work / "hf_adapter"
     assert not (work / "hf").exists()
     cfg = json.loads((adapter / "adapter_config.json").read_text())
@@ -576,6 +584,41 @@ def test_an_xtuner_qlora_config_trains_unchanged(config, offline, hub_home, smal
     assert len(weights) == 2 * 5 * 2 and all(".attention." in k or ".feed_forward." in k for k in weights)
     lora_b = [v for k, v in weights.items() if "lora_B" in k]
     assert len(lora_b) == 10 and all(v.abs().max() > 0 for v in lora_b)  # B starts at zero: every one trained
+
+
+@pytest.mark.parametrize("old, new, message", [
+    ('bnb_4bit_quant_type="nf4"', 'bnb_4bit_quant_typ="nf4"',
+     r"^model.llm.quantization_config: 'bnb_4bit_quant_typ' is not a parameter of BitsAndBytesConfig; did you mean "
+     r"'bnb_4bit_quant_type'\?$"),
+    ("llm_int8_threshold=6.0", "llm_int8_threshold=4.0",
+     r"^model.llm.quantization_config.llm_int8_threshold=4.0 \(internlm2_chat_7b_qlora_oasst1_e3.py: model\): an "
+     r"LLM.int8\(\) \(8-bit\) setting, which does nothing to the 4-bit layers evotune trains; remove it$"),
+    ("llm_int8_has_fp16_weight=False", "llm_int8_has_fp16_weight=True",
+     r"llm_int8_has_fp16_weight=True .*: an LLM.int8\(\) \(8-bit\) setting"),
+    ("lora_dropout=0.1,", "lora_dropout=0.1, lora_alpah=8,",
+     r"^model.lora: 'lora_alpah' is not a parameter of LoraConfig; did you mean 'lora_alpha'\?$"),
+])
+def test_a_qlora_key_evotune_cannot_honour_is_refused_at_load(tmp_path, old, new, message):
+    text = (CONFIGS / QLORA_CONFIGS[0]).read_text()
+    assert text.count(old) == 1
+    path = tmp_path / QLORA_CONFIGS[0]
+    path.write_text(text.replace(old, new))
+    with pytest.raises(EvotuneError, match=message):
+        load_settings(str(path), [f"data_path={str(tmp_path)!r}"])
+
+
+def test_bits_and_bytes_config_in_a_config_is_transformers_own_with_its_named_parameters():
+    from transformers import BitsAndBytesConfig
+
+    real = {k: p.default for k, p in inspect.signature(BitsAndBytesConfig.__init__).parameters.items()
+            if k != "self" and p.kind != p.VAR_KEYWORD}
+    assert {k: p.default for k, p in inspect.signature(xt.BitsAndBytesConfig).parameters.items()} == real
+    cfg = load_config(str(CONFIGS / QLORA_CONFIGS[0]))["model"]["llm"]["quantization_config"]
+    assert cfg["type"] is xt.BitsAndBytesConfig
+    built = cfg["type"](**{k: v for k, v in cfg.items() if k != "type"})
+    assert type(built) is BitsAndBytesConfig and built.to_dict() == BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_compute_dtype=torch.float16, bnb_4bit_use_double_quant=True,
+        bnb_4bit_quant_type="nf4").to_dict()
 
 
 def test_samples_on_a_4bit_model_leave_its_training_gradients_exact(tiny_llama_dir):
