@@ -559,6 +559,11 @@ def test_an_xtuner_qlora_config_trains_unchanged(config, offline, hub_home, smal
     assert f"trainable parameters {2 * sum(64 * (i + o) for i, o in shapes):,} (" in out
     assert "compute float16, trained weights float32, frozen 4-bit + float32" in out
     assert "the first pack, decoded" in out  # DatasetInfoHook
+    first_pack = out.split("the first pack, decoded")[1]
+    if "oasst1" in config:  # oasst1_map_fn: '### Human: ... ### Assistant: ...' text -> turns, prefixes gone
+        assert "<|im_start|>user\n" in first_pack and "###" not in first_pack and "Human:" not in first_pack
+    else:  # openai_map_fn: the records' system message, in the internlm2_chat template
+        assert "<|im_start|>system\nbe brief<|im_end|>" in first_pack
     settings = load_settings(str(CONFIGS / config), opts)
     assert (settings.optim.accumulative_counts, settings.optim.dtype, settings.optim.lr) == (16, "float16", 2e-4)
     records = read_metrics(work)
