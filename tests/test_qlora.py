@@ -2,25 +2,32 @@
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
+from torch.distributed.tensor import DTensor
 
 from evotune.checkpoint import dcp
 from evotune.model.finetune import SupervisedFinetune
 from evotune.model.load import load_model
 from evotune.model.lora import is_4bit
-from evotune.parallel.fsdp import REPLICATE, _set_dtypes_, state_bytes, storage_summary
-from evotune.parallel.mesh import ParallelMesh
+from evotune.parallel.env import DistEnv
+from evotune.parallel.fsdp import REPLICATE, _set_dtypes_, parallelize, state_bytes, storage_summary, strategy_for
+from evotune.parallel.mesh import ParallelMesh, build_mesh
+from evotune.parallel.zero import ZeroSettings
 from tests.test_lora import QLORA_LLM, _adapter, _metrics, _train_cli, lora_config_file
+from tests.test_train_speed import _batch
 
 pytest.importorskip("bitsandbytes")
 
 
 @pytest.fixture(scope="module")
 def qlora_runs(tmp_path_factory, tiny_llama_dir, small_folder):
-    """One process with accumulation 2 and two gloo ranks (ZeRO-2, ZeRO-3) with accumulation 1, QLoRA NF4."""
+    """One process with accumulation 2 and two gloo ranks (plain data parallel, ZeRO-2, ZeRO-3) with
+    accumulation 1, QLoRA NF4. Plain data parallel leaves the whole frozen base out of FSDP2."""
     tmp = tmp_path_factory.mktemp("qlora_sharded")
     one = lora_config_file(tmp, tiny_llama_dir, small_folder, llm_extra=QLORA_LLM, steps=4, lr=3e-2, accum=2)
     Path(one).write_text(Path(one).read_text() + "save_steps = 2\n")
@@ -28,16 +35,16 @@ def qlora_runs(tmp_path_factory, tiny_llama_dir, small_folder):
     two.write_text(Path(one).read_text().replace("accumulative_counts = 2", "accumulative_counts = 1"))
     runs = {"one": tmp / "one"}
     _train_cli(one, runs["one"])
-    for preset in ("deepspeed_zero2", "deepspeed_zero3"):
+    for preset in ("replicate", "deepspeed_zero2", "deepspeed_zero3"):
         runs[preset] = tmp / preset
-        _train_cli(str(two), runs[preset], "--deepspeed", preset, nproc=2)
+        _train_cli(str(two), runs[preset], *(("--deepspeed", preset) if preset != "replicate" else ()), nproc=2)
     return runs
 
 
 def test_qlora_on_two_gloo_ranks_equals_one_rank_with_twice_the_accumulation(qlora_runs):
     ref_rows, ref = _metrics(qlora_runs["one"]), _adapter(qlora_runs["one"])
     assert ref_rows[-1]["loss"] != ref_rows[0]["loss"]
-    for preset in ("deepspeed_zero2", "deepspeed_zero3"):
+    for preset in ("replicate", "deepspeed_zero2", "deepspeed_zero3"):
         rows = _metrics(qlora_runs[preset])
         assert [r["step"] for r in rows] == [1, 2, 3, 4]
         for a, b in zip(ref_rows, rows):
@@ -99,3 +106,45 @@ def test_trained_weights_become_fp32_frozen_ones_the_compute_dtype_and_4bit_stay
     four = sum(p.nbytes for p in model.parameters() if is_4bit(p))
     assert 0 < four < sum(p.numel() for p in packed.values()) * 4
     assert state_bytes(model, one, REPLICATE, torch.bfloat16) == int(n_trained * 18 + frozen * 4 + four)
+
+
+@pytest.fixture
+def one_process_group():
+    """A gloo group of one, as ``evotune train`` has on one GPU, so that FSDP2 is applied."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    try:
+        yield build_mesh(DistEnv(rank=0, world_size=1, local_rank=0, device=torch.device("cpu")))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("stage, offload, frozen_sharded", [(0, False, False), (3, False, False), (3, True, True)])
+def test_frozen_base_stays_out_of_fsdp_where_nothing_is_split(one_process_group, tiny_llama_dir, stage, offload,
+                                                              frozen_sharded):
+    """One process (or replicate): FSDP2 manages the adapter only; the frozen base stays a plain bf16 tensor
+    (no all-gathered copy), 4-bit weights too. With offload, FSDP2 keeps the base to put it on the CPU."""
+    model = _qlora_model(tiny_llama_dir)
+    zero = ZeroSettings(source=f"deepspeed_zero{stage}", stage=stage, offload=offload, pin_memory=False,
+                        gradient_clipping=None, compute_dtype=None, ignored=())
+    strategy = strategy_for(zero if stage else None)
+    parallelize(model, one_process_group, strategy, torch.device("cpu"), torch.bfloat16, tokens=64, log=None)
+    frozen = [p for p in model.parameters() if not p.requires_grad and not is_4bit(p)]
+    assert frozen and all(isinstance(p, DTensor) == frozen_sharded for p in frozen)
+    assert all(p.dtype == torch.bfloat16 for p in frozen)
+    assert all(isinstance(p, DTensor) and p.dtype == torch.float32 for p in model.parameters() if p.requires_grad)
+    assert not any(isinstance(p, DTensor) for p in model.parameters() if is_4bit(p))
+    n_trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    n_frozen = sum(p.numel() for p in frozen)
+    four = sum(p.nbytes for p in model.parameters() if is_4bit(p))
+    gathered = 2 * n_frozen if frozen_sharded else 0  # a bf16 copy beside the bf16 shard of one rank
+    assert state_bytes(model, one_process_group, strategy, torch.bfloat16) == n_trained * 18 + n_frozen * 2 \
+        + gathered + four
+    loss = model(**_batch(seed=1))  # and it trains: every adapter weight gets a gradient, nothing else
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert all(p.grad is not None and p.grad.to_local().abs().sum() > 0
+               for n, p in model.named_parameters() if "lora_B" in n)  # (A: zero, as B starts at 0)
+    assert all(p.grad is None for p in model.parameters() if not p.requires_grad)

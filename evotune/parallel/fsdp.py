@@ -25,7 +25,11 @@ weights (QLoRA) are never cast and never sharded: they go to ``ignored_params``
 (FSDP2 leaves them in place on every rank, as packed 4-bit codes with their
 quantisation state), which is what lets QLoRA run under any preset. Only the
 bf16 rest of the base (embedding, norms, head) and the adapter are sharded; a
-7B base in NF4 is about 3.5 GB on each rank (docs/lora.md, "Sharding").
+7B base in NF4 is about 3.5 GB on each rank (docs/lora.md, "Sharding"). Where
+nothing is sharded (one process, or ``replicate``) and nothing offloaded, the
+frozen base is left out of FSDP2 altogether: sharding over one rank would only
+add an all-gathered copy of each weight (kept for the root's embedding and head,
+1.5 GB at 7B), and a frozen weight needs neither gradient reduction nor a cast.
 
 How each setting maps (the cost table is in docs/distributed.md, "Strategies"):
 
@@ -116,13 +120,34 @@ def _set_dtypes_(module: nn.Module, frozen_dtype: torch.dtype) -> None:
             p.data = p.data.to(dtype)
 
 
-def _place_4bit_(model: nn.Module, device: torch.device) -> set[nn.Parameter]:
-    """Move the bitsandbytes 4-bit layers to ``device`` (their ``.to`` carries the quantisation state;
-    FSDP2 moves only what it shards) and return their weights, for ``fully_shard(ignored_params=)``."""
+def _shards(pmesh: ParallelMesh, strategy: Strategy) -> int:
+    """Over how many ranks FSDP2 splits each parameter."""
+    return 1 if strategy.replicate or not uses_fsdp(pmesh) else pmesh.dp_size * pmesh.sp_size
+
+
+def _frozen_unsharded(pmesh: ParallelMesh, strategy: Strategy) -> bool:
+    """Whether the frozen base stays out of FSDP2 (module docstring): nothing to split, nothing offloaded."""
+    return _shards(pmesh, strategy) == 1 and not strategy.offload
+
+
+def _unmanaged_(model: nn.Module, device: torch.device, compute_dtype: torch.dtype,
+                frozen_too: bool) -> set[nn.Parameter]:
+    """The parameters FSDP2 leaves alone (``fully_shard(ignored_params=)``), moved to ``device`` here since
+    FSDP2 moves only what it shards: bitsandbytes 4-bit weights (their module's ``.to`` carries the
+    quantisation state) and, with ``frozen_too``, every other frozen one, in the compute dtype."""
     for module in model.modules():
         if any(is_4bit(p) for p in module.parameters(recurse=False)):
             module.to(device)
-    return {p for p in model.parameters() if is_4bit(p)}
+    ignored = {p for p in model.parameters() if is_4bit(p)}
+    if frozen_too:
+        for p in model.parameters():
+            if not p.requires_grad and p not in ignored and not isinstance(p, DTensor):
+                if p.is_floating_point():
+                    p.data = p.data.to(device=device, dtype=compute_dtype)
+                else:
+                    p.data = p.data.to(device)
+                ignored.add(p)
+    return ignored
 
 
 def storage_summary(model: nn.Module) -> str:
@@ -142,15 +167,18 @@ def state_bytes(model: nn.Module, pmesh: ParallelMesh, strategy: Strategy, compu
     """Estimated device bytes of weights, gradients and AdamW state per rank: 16 per trained parameter
     (fp32 master, fp32 gradient, two moments) and the stored bytes of a frozen one (compute dtype), over
     the ranks that shard them, plus the gathered 16-bit copy under mixed precision; 4-bit weights are
-    whole on every rank."""
-    shards = 1 if strategy.replicate or not uses_fsdp(pmesh) else pmesh.dp_size * pmesh.sp_size
+    whole on every rank, and so is a frozen base FSDP2 leaves alone (no gathered copy)."""
+    shards = _shards(pmesh, strategy)
     mixed = compute_dtype != torch.float32
+    frozen_alone = uses_fsdp(pmesh) and _frozen_unsharded(pmesh, strategy)
     total = 0.0
     for p in model.parameters():
         if is_4bit(p):
             total += p.nbytes
         elif p.requires_grad:
             total += p.numel() * (16 / shards + (2 if mixed else 0))
+        elif frozen_alone:
+            total += p.numel() * compute_dtype.itemsize
         else:
             total += p.numel() * compute_dtype.itemsize / shards + (p.numel() * 2 if mixed else 0)
     return int(total)
@@ -209,16 +237,16 @@ def parallelize(model: nn.Module, pmesh: ParallelMesh, strategy: Strategy, devic
                               reduce_dtype=torch.float32)
     offload = CPUOffloadPolicy(pin_memory=strategy.pin_memory and device.type == "cuda") if strategy.offload \
         else OffloadPolicy()
-    quantized = _place_4bit_(model, device) or None
+    ignored = _unmanaged_(model, device, compute_dtype, _frozen_unsharded(pmesh, strategy)) or None
     for layer in decoder_layers(model.llm, "FSDP shards each one"):
         _set_dtypes_(layer, compute_dtype)
         fully_shard(layer, mesh=mesh, reshard_after_forward=strategy.reshard_after_forward,
-                    mp_policy=mp, offload_policy=offload, ignored_params=quantized)
+                    mp_policy=mp, offload_policy=offload, ignored_params=ignored)
     _set_dtypes_(model, compute_dtype)
     # the root's parameters are needed again right at the start of backward: keep them gathered
     fully_shard(model, mesh=mesh, reshard_after_forward=False,
                 mp_policy=dataclasses.replace(mp, cast_forward_inputs=False), offload_policy=offload,
-                ignored_params=quantized)
+                ignored_params=ignored)
     return model
 
 
