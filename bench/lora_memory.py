@@ -77,6 +77,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
@@ -175,13 +176,10 @@ def measure(mode: str, layers: int, args) -> dict:
         llm = build_llm(shape, n_layers, tokens, mode, device, args.seed)
         model = SupervisedFinetune(llm, activation_checkpointing=args.ac, torch_compile="auto",
                                    fused_kernels="auto", lora=LORA)
-        fsdp.parallelize(model, pmesh, fsdp.REPLICATE, device, dtype, tokens=tokens, log=log)
+        fsdp.parallelize(model, pmesh, fsdp.REPLICATE, device, dtype, tokens=tokens, log=log)  # log None: quiet
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = build_optimizer({"type": torch.optim.AdamW, **OPTIMIZER}, params, device)
         return model.train(), StepContext(device, dtype, params, optimizer, pmesh=pmesh)
-
-    def quiet(line):
-        pass
 
     def note(line):
         notes.append(line.removeprefix("evotune: "))
@@ -191,7 +189,7 @@ def measure(mode: str, layers: int, args) -> dict:
     with group as pmesh:
         # libraries initialise lazily: one step of a tiny model of the same mode before anything is measured
         with contextlib.redirect_stdout(sys.stderr):
-            tiny, ctx = build("tiny", 1, 64, pmesh, quiet)
+            tiny, ctx = build("tiny", 1, 64, pmesh, None)
         packed_step(tiny, ctx, _packed_row(64, SHAPES["tiny"]["vocab_size"], args.seed, pin=False))
         del tiny, ctx
         rows = [_packed_row(args.tokens, SHAPES[args.shape]["vocab_size"], args.seed + i, pin=device.type == "cuda")
@@ -244,13 +242,14 @@ def full_finetune(args) -> dict:
 # ----------------------------------------------------------------------------- extrapolation and report
 
 
-def extrapolate(points: dict[int, float], target: int) -> tuple[float, float, float]:
-    """(value at ``target`` layers, per layer, fixed part) from values at two or more depths (a line
-    through the two smallest and largest; exact at the measured depths when they are two)."""
-    (a, ya), (b, yb) = min(points.items()), max(points.items())
-    per = (yb - ya) / (b - a)
-    fixed = ya - per * a
-    return fixed + per * target, per, fixed
+def extrapolate(points: dict[int, float], target: int) -> tuple[float, float, float, float | None]:
+    """(value at ``target`` layers, per layer, fixed part, largest residual) of the least-squares line through
+    the values at two or more depths (exact through two; the residual, None for two, says how straight it is)."""
+    xs = np.array(sorted(points), dtype=float)
+    ys = np.array([points[int(x)] for x in xs], dtype=float)
+    per, fixed = np.polyfit(xs, ys, 1)
+    residual = float(np.max(np.abs(per * xs + fixed - ys))) if len(xs) > 2 else None
+    return float(fixed + per * target), float(per), float(fixed), residual
 
 
 def _child(mode: str, layers: int, args) -> dict:
@@ -301,8 +300,8 @@ def report(results: list[dict], full: dict, args) -> dict:
             for key in ("peak_bytes", "held_bytes", "state_bytes", "step_s"):
                 pts = {n: r[key] for n, r in good.items() if r.get(key) is not None}
                 row[key] = extrapolate(pts, target)[0] if len(pts) >= 2 else None
-            row["per_layer_peak"], row["fixed_peak"] = extrapolate({n: r["peak_bytes"] for n, r in good.items()},
-                                                                   target)[1:]
+            row["per_layer_peak"], row["fixed_peak"], row["fit_residual"] = extrapolate(
+                {n: r["peak_bytes"] for n, r in good.items()}, target)[1:]
             at_target[mode] = row
             print(f"| {MODE_NAMES[mode]} | {target} | {_gib(row['peak_bytes'])} | {_gib(row['held_bytes'])} | "
                   f"{_gib(row['state_bytes'])} | {_secs(row['step_s'])} | **{row['how']}** |")
@@ -313,8 +312,10 @@ def report(results: list[dict], full: dict, args) -> dict:
     print()
     for mode, r in at_target.items():
         if "per_layer_peak" in r:
-            print(f"{MODE_NAMES[mode]}: {r['per_layer_peak'] / GIB:.3f} GiB per decoder layer + "
-                  f"{r['fixed_peak'] / GIB:.3f} GiB fixed (embedding, head, loss, libraries)")
+            fit = "" if r["fit_residual"] is None else \
+                f"; the line misses the measured peaks by at most {r['fit_residual'] / GIB:.3f} GiB"
+            print(f"{MODE_NAMES[mode]}: peak {r['per_layer_peak'] / GIB:.3f} GiB per decoder layer + "
+                  f"{r['fixed_peak'] / GIB:.3f} GiB fixed (embedding, head, loss, libraries){fit}")
     ratios = {}
     if "lora" in at_target:
         ratios["lora/full"] = at_target["lora"]["peak_bytes"] / full["peak_bytes"]
