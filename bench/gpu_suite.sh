@@ -91,7 +91,7 @@ for shape in "${SHAPES[@]}"; do
     fi
 done
 # LoRA / QLoRA peak memory and step time, InternLM2-7B at 2k tokens, all 32 layers measured (docs/performance.md)
-lora=(--layers 32); [ "$QUICK" = 1 ] && lora=(--shape tiny --tokens 256 --steps 1)
+lora=(--layers 32); [ "$QUICK" = 1 ] && lora=(--shape tiny --tokens 256 --layers 1,2 --steps 1)
 echo "## lora-memory: python bench/lora_memory.py --device $DEVICE ${lora[*]}" | tee -a "$LOG"
 timeout $(( PER_RUN * 10 )) "$PY" "$HERE/lora_memory.py" --device "$DEVICE" "${lora[@]}" \
     ${OUT:+--json "$OUT/lora_memory.json"} 2>&1 | tee -a "$LOG" | grep -E '^(\||ratio|verdict)'
