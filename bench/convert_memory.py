@@ -47,14 +47,10 @@ print(json.dumps({{"rc": rc, "seconds": time.time() - t0, "peak_rss_kb": status[
 """
 
 
-def write_random_internlm2(path: Path, layers: int, dtype: torch.dtype) -> int:
-    """A random 7B-shaped InternLM2 folder, written one tensor at a time; returns the weight bytes."""
-    from evotune.checkpoint.hf import write_hf_dir
-    from evotune.checkpoint.plan import Planned
-    from evotune.dtypes import dtype_name
-
-    H, inter, V = SHAPES_7B["hidden_size"], SHAPES_7B["intermediate_size"], SHAPES_7B["vocab_size"]
-    nh, nkv = SHAPES_7B["num_attention_heads"], SHAPES_7B["num_key_value_heads"]
+def internlm2_shapes(shape: dict, layers: int) -> dict[str, tuple[int, ...]]:
+    """The weight names and shapes of an InternLM2 checkpoint of ``shape``'s widths and ``layers`` layers."""
+    H, inter, V = shape["hidden_size"], shape["intermediate_size"], shape["vocab_size"]
+    nh, nkv = shape["num_attention_heads"], shape["num_key_value_heads"]
     d = H // nh
     shapes = {"model.tok_embeddings.weight": (V, H)}
     for i in range(layers):
@@ -64,6 +60,16 @@ def write_random_internlm2(path: Path, layers: int, dtype: torch.dtype) -> int:
                        p + "feed_forward.w2.weight": (H, inter), p + "attention_norm.weight": (H,),
                        p + "ffn_norm.weight": (H,)})
     shapes.update({"model.norm.weight": (H,), "output.weight": (V, H)})
+    return shapes
+
+
+def write_random_internlm2(path: Path, layers: int, dtype: torch.dtype) -> int:
+    """A random 7B-shaped InternLM2 folder, written one tensor at a time; returns the weight bytes."""
+    from evotune.checkpoint.hf import write_hf_dir
+    from evotune.checkpoint.plan import Planned
+    from evotune.dtypes import dtype_name
+
+    shapes = internlm2_shapes(SHAPES_7B, layers)
     gen = torch.Generator().manual_seed(0)
 
     def rand(shape):

@@ -85,6 +85,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from convert_memory import internlm2_shapes  # noqa: E402
 from peak_memory import PeakMemory  # noqa: E402
 
 GIB = 2**30
@@ -115,17 +116,7 @@ def internlm2_plan(cfg: dict, seed: int) -> dict:
     """Random weights in InternLM2's names and layout, each made when it is loaded (bf16, std 0.02)."""
     from evotune.checkpoint.plan import Planned
 
-    H, inter, V = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
-    nh, nkv = cfg["num_attention_heads"], cfg["num_key_value_heads"]
-    d = H // nh
-    shapes = {"model.tok_embeddings.weight": (V, H)}
-    for i in range(cfg["num_hidden_layers"]):
-        p = f"model.layers.{i}."
-        shapes.update({p + "attention.wqkv.weight": ((nh + 2 * nkv) * d, H), p + "attention.wo.weight": (H, H),
-                       p + "feed_forward.w1.weight": (inter, H), p + "feed_forward.w3.weight": (inter, H),
-                       p + "feed_forward.w2.weight": (H, inter), p + "attention_norm.weight": (H,),
-                       p + "ffn_norm.weight": (H,)})
-    shapes.update({"model.norm.weight": (H,), "output.weight": (V, H)})
+    shapes = internlm2_shapes(cfg, cfg["num_hidden_layers"])
     gen = torch.Generator().manual_seed(seed)
 
     def make(shape):

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from tests.conftest import REPO
+from tests.test_bench_throughput import _NoMemoryTracking
 
 pytest.importorskip("bitsandbytes")
 
@@ -21,25 +22,6 @@ def bench():
         yield importlib.import_module("lora_memory")
     finally:
         sys.path.remove(str(REPO / "bench"))
-
-
-class _NoMemoryTracking:
-    """Stands in for ``PeakMemory``, whose CPU mode changes malloc settings for the whole process."""
-
-    method = "not measured"
-    peak_bytes = None
-
-    def __init__(self, device):
-        pass
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return None
-
-    def held_bytes(self):
-        return 0
 
 
 def _tiny_args(bench, *extra):

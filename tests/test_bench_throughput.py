@@ -49,6 +49,9 @@ class _NoMemoryTracking:
     def __exit__(self, *exc):
         return None
 
+    def held_bytes(self):
+        return 0
+
 
 def test_evotune_padded_and_padding_free_transformers_paths_have_equal_losses(bench, capsys, monkeypatch):
     monkeypatch.setattr(bench, "PeakMemory", _NoMemoryTracking)

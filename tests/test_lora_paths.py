@@ -10,9 +10,13 @@ import pytest
 import torch
 
 from evotune.cli import main as cli_main
+from evotune.errors import EvotuneError
+from evotune.model.finetune import SupervisedFinetune
+from evotune.model.load import load_model
 from evotune.model.checkpointing import set_activation_checkpointing
 from evotune.model.compile import compile_decoder_layers
 from tests.test_lora import _adapter, _lora_model, _metrics, _train_cli, lora_config_file
+from tests.test_model_internlm2 import make_internlm2
 from tests.test_train_speed import _batch
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
@@ -99,3 +103,27 @@ def test_compiled_lora_layers_give_the_eager_adapter_gradients(tiny_llama_dir):
     for name, p, q in trained:  # aot_eager decomposes some ops: fp32 rounding differs (seen: 7e-7 on grads of 3)
         torch.testing.assert_close(q.grad, p.grad, rtol=1e-5, atol=1e-6, msg=name)
     assert all(q.grad is None for q in compiled.parameters() if not q.requires_grad)
+
+
+def _adapted(model) -> list[str]:
+    return sorted({path.rsplit(".", 1)[-1] for path, m in model.llm.named_modules() if hasattr(m, "lora_A")})
+
+
+def test_target_modules_of_an_internlm2_base_may_use_internlm2_names(tmp_path, tiny_llama_dir, capsys):
+    base = make_internlm2(tmp_path / "base", hidden_size=64, intermediate_size=96, num_attention_heads=8,
+                          num_key_value_heads=2, vocab_size=128, max_position_embeddings=128)
+
+    def lora(path, targets):
+        return SupervisedFinetune(load_model(path), activation_checkpointing=False, torch_compile=False,
+                                  fused_kernels="none",
+                                  lora=dict(r=4, lora_alpha=8, target_modules=targets, task_type="CAUSAL_LM"))
+
+    assert _adapted(lora(base, ["wqkv", "w2"])) == ["down_proj", "k_proj", "q_proj", "v_proj"]
+    assert "LoRA target_modules in InternLM2 names: w2 -> down_proj; wqkv -> q_proj, k_proj, v_proj" \
+        in capsys.readouterr().out
+    assert _adapted(lora(base, ["wo", "o_proj", "w1"])) == ["gate_proj", "o_proj"]  # both spellings, once
+    with pytest.raises(EvotuneError, match=r"\['w4'\] match no linear layer of the model; its linear layers are: "
+                                           r"down_proj, .*, v_proj \(in InternLM2 names: w1, w2, w3, wo, wqkv\)"):
+        lora(base, ["wqkv", "w4"])
+    with pytest.raises(EvotuneError, match=r"\['wqkv'\] match no linear layer"):  # a Llama has no wqkv
+        lora(tiny_llama_dir, ["wqkv"])

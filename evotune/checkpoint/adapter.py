@@ -53,7 +53,7 @@ _KEY = re.compile(r"^base_model\.model\.(.+)\.lora_([AB])\.weight$")
 # Llama module names -> InternLM2's (q/k/v are merged into attention.wqkv)
 INTERNLM2_MODULES = {"self_attn.o_proj": "attention.wo", "mlp.gate_proj": "feed_forward.w1",
                      "mlp.up_proj": "feed_forward.w3", "mlp.down_proj": "feed_forward.w2"}
-_QKV = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
+QKV = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
 _LAYER = re.compile(r"^(model\.layers\.\d+)\.(.+)$")
 
 
@@ -86,10 +86,10 @@ def to_internlm2(modules: dict[str, tuple[torch.Tensor, torch.Tensor]], config: 
     layers = sorted({m.group(1) for m in map(_LAYER.match, modules) if m})
     rslora = bool(config.get("use_rslora"))
     for layer in layers:
-        parts = [(name, modules[f"{layer}.{name}"]) for name in _QKV if f"{layer}.{name}" in modules]
+        parts = [(name, modules[f"{layer}.{name}"]) for name in QKV if f"{layer}.{name}" in modules]
         if parts:
-            head_dim = next(b.shape[0] // (heads if n == _QKV[0] else kv_heads) for n, (_, b) in parts)
-            dims = {_QKV[0]: heads * head_dim, _QKV[1]: kv_heads * head_dim, _QKV[2]: kv_heads * head_dim}
+            head_dim = next(b.shape[0] // (heads if n == QKV[0] else kv_heads) for n, (_, b) in parts)
+            dims = {QKV[0]: heads * head_dim, QKV[1]: kv_heads * head_dim, QKV[2]: kv_heads * head_dim}
             scale = module_scaling(config, f"{layer}.{parts[0][0]}")
             rank = sum(a.shape[0] for _, (a, _) in parts)
             a_all = torch.cat([a for _, (a, _) in parts])
@@ -99,13 +99,13 @@ def to_internlm2(modules: dict[str, tuple[torch.Tensor, torch.Tensor]], config: 
                 block[:, col:col + a.shape[0]] = b * (module_scaling(config, f"{layer}.{name}") / scale)
                 blocks[name] = block
                 col += a.shape[0]
-            q, k, v = (blocks.get(n, torch.zeros(dims[n], rank, dtype=a_all.dtype)) for n in _QKV)
+            q, k, v = (blocks.get(n, torch.zeros(dims[n], rank, dtype=a_all.dtype)) for n in QKV)
             out[f"{layer}.attention.wqkv"] = (a_all, merge_wqkv(q, k, v, heads, kv_heads))
             rank_pattern["attention.wqkv"] = rank
             alpha_pattern["attention.wqkv"] = _alpha_for(scale, rank, rslora)
     for path, pair in modules.items():
         m = _LAYER.match(path)
-        if m and m.group(2) in _QKV:
+        if m and m.group(2) in QKV:
             continue
         if not m or m.group(2) not in INTERNLM2_MODULES:
             raise EvotuneError(f"LoRA on {path} has no InternLM2 name: export with save_format='huggingface'")

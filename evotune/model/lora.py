@@ -30,6 +30,8 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
+from evotune.checkpoint.adapter import INTERNLM2_MODULES, QKV
+from evotune.checkpoint.source import ModelSource
 from evotune.config import build
 from evotune.errors import EvotuneError
 from evotune.model.layers import decoder_layers
@@ -81,6 +83,28 @@ def _is_linear(module: nn.Module) -> bool:
     return type(module).__name__ in ("Linear4bit", "Linear8bitLt")
 
 
+# InternLM2's linear names -> the Llama layers evotune loads them as (wqkv is split into q, k, v)
+INTERNLM2_TARGETS = {internlm2.rsplit(".", 1)[-1]: (llama.rsplit(".", 1)[-1],)
+                     for llama, internlm2 in INTERNLM2_MODULES.items()}
+INTERNLM2_TARGETS["wqkv"] = tuple(name.rsplit(".", 1)[-1] for name in QKV)
+
+
+def _from_internlm2_names(targets: list[str], linears, log) -> list[str]:
+    """``target_modules`` of an InternLM2 base may name its own modules (``wqkv``, ``wo``, ``w1``, ``w2``,
+    ``w3``; XTuner loads InternLM2's own code, where these are the names): they become the Llama layers
+    evotune trains, and the adapter is written back in InternLM2 names (docs/lora.md, "InternLM2")."""
+    out, said = [], []
+    for name in targets:
+        if name in INTERNLM2_TARGETS and name not in linears:
+            out += [n for n in INTERNLM2_TARGETS[name] if n not in out]
+            said.append(f"{name} -> {', '.join(INTERNLM2_TARGETS[name])}")
+        elif name not in out:
+            out.append(name)
+    if said and log:
+        log(f"evotune: LoRA target_modules in InternLM2 names: {'; '.join(said)}")
+    return out
+
+
 def apply_lora(llm: nn.Module, spec, log=print):
     """Inject LoRA into ``llm`` in place and freeze the rest; returns the ``LoraConfig`` used
     (``target_modules`` resolved to the linear names adapted)."""
@@ -95,6 +119,10 @@ def apply_lora(llm: nn.Module, spec, log=print):
     elif isinstance(config.target_modules, str):  # a regex over module paths, as peft reads it
         how = f"target_modules regex {config.target_modules!r}"
     else:
+        source = ModelSource.of(llm)
+        if source is not None and source.format in ("internlm2", "internevo"):
+            config.target_modules = set(_from_internlm2_names(sorted(config.target_modules), linears, log))
+            listed += f" (in InternLM2 names: {', '.join(sorted(INTERNLM2_TARGETS))})"
         unknown = sorted(set(config.target_modules) - set(linears))
         if unknown:
             raise EvotuneError(f"lora target_modules {unknown} match no linear layer of the model; its linear "
