@@ -86,6 +86,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from convert_memory import internlm2_shapes  # noqa: E402
+from evotune.model.loss import DEFAULT_CHUNK_TOKENS  # noqa: E402
 from peak_memory import PeakMemory  # noqa: E402
 
 GIB = 2**30
@@ -167,7 +168,7 @@ def measure(mode: str, layers: int, args) -> dict:
     def build(shape, n_layers, tokens, pmesh, log):
         llm = build_llm(shape, n_layers, tokens, mode, device, args.seed)
         model = SupervisedFinetune(llm, activation_checkpointing=args.ac, torch_compile="auto",
-                                   fused_kernels="auto", lora=LORA)
+                                   fused_kernels="auto", lora=LORA, loss_chunk_tokens=args.loss_chunk_tokens)
         fsdp.parallelize(model, pmesh, fsdp.REPLICATE, device, dtype, tokens=tokens, log=log)
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = build_optimizer({"type": torch.optim.AdamW, **OPTIMIZER}, params, device)
@@ -347,6 +348,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--fsdp", choices=("on", "off"), default="on",
                    help="on: FSDP2 on a one-process group, as evotune train on one GPU; off: the plain module "
                         "(frozen base bf16, adapter fp32), to see what FSDP adds")
+    p.add_argument("--loss-chunk-tokens", type=int, default=DEFAULT_CHUNK_TOKENS,
+                   help="SupervisedFinetune(loss_chunk_tokens=): tokens per chunk of the fused loss")
     p.add_argument("--warmup", type=int, default=1, help="steps before the timed ones (the first allocates AdamW)")
     p.add_argument("--steps", type=int, default=2, help="timed steps (median)")
     p.add_argument("--threads", type=int, default=None, help="CPU intra-op threads (default: all cores)")
@@ -363,7 +366,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"--modes {','.join(unknown)}: measured modes are lora and qlora (full is computed)")
     args.passthrough = ["--device", args.device, "--shape", args.shape, "--tokens", str(args.tokens),
                         "--ac", args.ac, "--fsdp", args.fsdp, "--warmup", str(args.warmup), "--steps", str(args.steps),
-                        "--seed", str(args.seed)] + (["--threads", str(args.threads)] if args.threads else [])
+                        "--seed", str(args.seed), "--loss-chunk-tokens", str(args.loss_chunk_tokens)] \
+        + (["--threads", str(args.threads)] if args.threads else [])
     return args
 
 
@@ -384,7 +388,8 @@ def main(argv=None) -> int:
           f"{shape['intermediate_size']}, {shape['num_attention_heads']}/{shape['num_key_value_heads']} heads, vocab "
           f"{shape['vocab_size']:,}), one packed row of {args.tokens} tokens, bf16 compute; LoRA r={LORA['r']} "
           f"alpha={LORA['lora_alpha']} dropout={LORA['lora_dropout']} on every decoder linear layer; QLoRA NF4 + "
-          f"double quant; activation checkpointing {args.ac}; FSDP2 {args.fsdp}; AdamW on the adapter; {args.warmup} warm-up + "
+          f"double quant; activation checkpointing {args.ac}; FSDP2 {args.fsdp}; loss chunks of "
+          f"{args.loss_chunk_tokens} tokens; AdamW on the adapter; {args.warmup} warm-up + "
           f"{args.steps} timed steps")
     print(f"# measured: layers {','.join(map(str, args.layers))}, each mode and depth in its own process; "
           f"reported at {args.target_layers} layers")
