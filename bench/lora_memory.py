@@ -262,12 +262,6 @@ def _secs(x) -> str:
     return "n/a" if x is None else f"{x:.1f} s"
 
 
-def machine(device: torch.device) -> str:
-    from train_throughput import machine as describe
-
-    return describe(device)
-
-
 def report(results: list[dict], full: dict, args) -> dict:
     """Print the table, the ratios and the verdict; returns the summary (also the --json content)."""
     target, budget = args.target_layers, args.budget_gib * GIB
@@ -380,7 +374,7 @@ def main(argv=None) -> int:
         mode, layers = args.child.split(":")
         print(json.dumps(measure(mode, int(layers), args)))
         return 0
-    from train_throughput import commit
+    from train_throughput import commit, machine
 
     command = f"python {shlex.join([os.path.relpath(sys.argv[0], REPO)] + (argv or sys.argv[1:]))}"
     shape = SHAPES[args.shape]

@@ -96,8 +96,8 @@ def test_an_earlier_run_is_set_aside_whole_with_how_to_continue_it(tmp_path, cap
     assert sorted(p.name for p in work.iterdir()) == [workdir.LOCK_FILE]
     assert sorted(p.name for p in aside.iterdir()) == ["checkpoints", "eval_samples.jsonl", "hf", "hf_adapter",
                                                        "metrics.jsonl"]
-    assert (f"held an earlier run (checkpoints, hf, hf_adapter, metrics.jsonl, eval_samples.jsonl); moved to {aside}: continue it "
-            f"with --work-dir {aside} --resume auto (from step 3)") in capsys.readouterr().out
+    assert (f"held an earlier run (checkpoints, hf, hf_adapter, metrics.jsonl, eval_samples.jsonl); moved to {aside}: "
+            f"continue it with --work-dir {aside} --resume auto (from step 3)") in capsys.readouterr().out
     assert dcp.resolve_resume("auto", str(aside)).endswith("step_3")
     assert workdir.set_aside_run(str(work)) is None
 

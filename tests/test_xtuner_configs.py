@@ -536,7 +536,6 @@ def test_an_mmengine_visualizer_becomes_tensorboard(xtuner_cfg, tmp_path):
         load_config(_write(tmp_path, "from mmengine.visualization import WandbVisBackend\n"))
 
 
-
 QLORA_CONFIGS = ["internlm2_chat_7b_qlora_oasst1_e3.py", "internlm2_chat_7b_qlora_custom_sft_e1.py"]
 
 
@@ -632,6 +631,7 @@ def test_samples_on_a_4bit_model_leave_its_training_gradients_exact(tiny_llama_d
     passes no gradient to its input: the next training step's gradients must equal a fresh model's."""
     from evotune.model.finetune import SupervisedFinetune
     from evotune.train.evaluate import greedy_generate
+    from tests.test_lora import _randomise_lora_b
 
     def model():
         quant = dict(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
@@ -640,10 +640,7 @@ def test_samples_on_a_4bit_model_leave_its_training_gradients_exact(tiny_llama_d
         m = SupervisedFinetune(load_model(tiny_llama_dir, quantization_config=quant), activation_checkpointing=False,
                                torch_compile=False, fused_kernels="none",
                                lora=dict(r=4, lora_alpha=8, lora_dropout=0.0, task_type="CAUSAL_LM"))
-        with torch.no_grad():  # B = 0 at init would hide the gradient through the adapters; give it values
-            for name, p in m.named_parameters():
-                if "lora_B" in name:
-                    p.copy_(torch.randn_like(p) * 0.1)
+        _randomise_lora_b(m)  # B = 0 at init would hide the gradient through the adapters
         return m
 
     def grads(m):

@@ -142,10 +142,7 @@ def _unmanaged_(model: nn.Module, device: torch.device, compute_dtype: torch.dty
     if frozen_too:
         for p in model.parameters():
             if not p.requires_grad and p not in ignored and not isinstance(p, DTensor):
-                if p.is_floating_point():
-                    p.data = p.data.to(device=device, dtype=compute_dtype)
-                else:
-                    p.data = p.data.to(device)
+                p.data = p.data.to(device=device, dtype=compute_dtype if p.is_floating_point() else p.dtype)
                 ignored.add(p)
     return ignored
 
