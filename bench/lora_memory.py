@@ -35,8 +35,10 @@ with varlen attention, the chunked loss over the supervised tokens,
 ``activation_checkpointing='full'`` (what 'auto' picks on the CPU and for 2k
 tokens on an 8 GB card; ``--ac``), ``torch_compile='auto'`` (off on the CPU and
 for 4-bit layers) and ``fused_kernels='auto'``, ``parallelize`` under a
-one-process group (FSDP2, bf16 mixed precision: frozen base stored in bf16,
-adapter fp32 master weights, 4-bit weights left alone, as on one GPU), AdamW
+one-process group with ``evotune train``'s strategy for it (``strategy_for``:
+FSDP2, bf16 mixed precision, frozen base stored in bf16 and left out of FSDP2,
+adapter fp32 master weights whose bf16 copy each decoder layer frees after its
+forward, 4-bit weights left alone, as on one GPU), AdamW
 (lr 2e-4, betas 0.9/0.999, no weight decay: XTuner's) built by evotune's
 ``build_optimizer`` over the adapter only, and the loop's own ``_train_step``,
 gradient clipping at 1 and the optimizer step (``train_throughput.packed_step``).
@@ -169,7 +171,7 @@ def measure(mode: str, layers: int, args) -> dict:
         llm = build_llm(shape, n_layers, tokens, mode, device, args.seed)
         model = SupervisedFinetune(llm, activation_checkpointing=args.ac, torch_compile="auto",
                                    fused_kernels="auto", lora=LORA, loss_chunk_tokens=args.loss_chunk_tokens)
-        fsdp.parallelize(model, pmesh, fsdp.REPLICATE, device, dtype, tokens=tokens, log=log)
+        fsdp.parallelize(model, pmesh, strategy, device, dtype, tokens=tokens, log=log)
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = build_optimizer({"type": torch.optim.AdamW, **OPTIMIZER}, params, device)
         return model.train(), StepContext(device, dtype, params, optimizer, pmesh=pmesh)
@@ -180,6 +182,7 @@ def measure(mode: str, layers: int, args) -> dict:
     group = one_process_group(device) if args.fsdp == "on" else contextlib.nullcontext(
         ParallelMesh(None, dp_size=1, dp_rank=0, sp_size=1, sp_rank=0))
     with group as pmesh:
+        strategy = fsdp.strategy_for(None, pmesh, frozen_base=True)  # evotune train's, without --deepspeed
         # libraries initialise lazily: one step of a tiny model of the same mode before anything is measured
         with contextlib.redirect_stdout(sys.stderr):
             tiny, ctx = build("tiny", 1, 64, pmesh, None)
@@ -193,7 +196,7 @@ def measure(mode: str, layers: int, args) -> dict:
             held = since_start.held_bytes()
             trainable = sum(p.numel() for p in ctx.params)
             param_bytes = sum(p.nbytes for p in model.parameters())
-            state = fsdp.state_bytes(model, pmesh, fsdp.REPLICATE, dtype)
+            state = fsdp.state_bytes(model, pmesh, strategy, dtype)
             times, losses = [], []
             with PeakMemory(device) as pm:  # the steps: peak above what the built model holds
                 for row in rows:

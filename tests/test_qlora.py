@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import socket
 from pathlib import Path
 
@@ -11,14 +12,19 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
 from evotune.checkpoint import dcp
+from evotune.data.collate import packed_collate
 from evotune.model.finetune import SupervisedFinetune
 from evotune.model.load import load_model
+from evotune.model.layers import decoder_layers
 from evotune.model.lora import is_4bit
 from evotune.parallel.env import DistEnv
-from evotune.parallel.fsdp import REPLICATE, _set_dtypes_, parallelize, state_bytes, storage_summary, strategy_for
+from evotune.parallel.fsdp import (REPLICATE, _set_dtypes_, clip_grad_norm_, parallelize, set_micro_batch, state_bytes,
+                                   storage_summary, strategy_for)
 from evotune.parallel.mesh import ParallelMesh, build_mesh
 from evotune.parallel.zero import ZeroSettings
-from tests.test_lora import QLORA_LLM, _adapter, _metrics, _train_cli, lora_config_file
+from evotune.train.loop import _train_step
+from tests.conftest import whole_document_pack
+from tests.test_lora import QLORA_LLM, _adapter, _lora_model, _metrics, _randomise_lora_b, _train_cli, lora_config_file
 from tests.test_train_speed import _batch
 
 pytest.importorskip("bitsandbytes")
@@ -99,8 +105,10 @@ def test_trained_weights_become_fp32_frozen_ones_the_compute_dtype_and_4bit_stay
             assert p.dtype == torch.bfloat16, name
     assert storage_summary(model) == "trained weights float32, frozen 4-bit + bfloat16"
     # what 'auto' activation checkpointing subtracts: 16 B per trained parameter (+2 for its bf16 copy), the
-    # stored bytes of a frozen one (+2 gathered), a 4-bit weight's packed bytes
+    # stored bytes of a frozen one (+2 gathered), a 4-bit weight's packed bytes. Without FSDP2 the strategy
+    # stays the preset's (nothing is resharded; the one-rank FSDP2 case is the test below)
     one = ParallelMesh(None, dp_size=1, dp_rank=0, sp_size=1, sp_rank=0)
+    assert strategy_for(None, one, frozen_base=True) == REPLICATE
     n_trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
     frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad and not is_4bit(p))
     four = sum(p.nbytes for p in model.parameters() if is_4bit(p))
@@ -127,9 +135,8 @@ def test_frozen_base_stays_out_of_fsdp_where_nothing_is_split(one_process_group,
     """One process (or replicate): FSDP2 manages the adapter only; the frozen base stays a plain bf16 tensor
     (no all-gathered copy), 4-bit weights too. With offload, FSDP2 keeps the base to put it on the CPU."""
     model = _qlora_model(tiny_llama_dir)
-    zero = ZeroSettings(source=f"deepspeed_zero{stage}", stage=stage, offload=offload, pin_memory=False,
-                        gradient_clipping=None, compute_dtype=None, ignored=())
-    strategy = strategy_for(zero if stage else None)
+    strategy = strategy_for(_zero(stage, offload) if stage else None, one_process_group, frozen_base=True)
+    assert strategy.reshard_after_forward  # zero3 anyway; replicate as a one-rank LoRA run
     parallelize(model, one_process_group, strategy, torch.device("cpu"), torch.bfloat16, tokens=64, log=None)
     frozen = [p for p in model.parameters() if not p.requires_grad and not is_4bit(p)]
     assert frozen and all(isinstance(p, DTensor) == frozen_sharded for p in frozen)
@@ -139,12 +146,107 @@ def test_frozen_base_stays_out_of_fsdp_where_nothing_is_split(one_process_group,
     n_trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
     n_frozen = sum(p.numel() for p in frozen)
     four = sum(p.nbytes for p in model.parameters() if is_4bit(p))
-    gathered = 2 * n_frozen if frozen_sharded else 0  # a bf16 copy beside the bf16 shard of one rank
-    assert state_bytes(model, one_process_group, strategy, torch.bfloat16) == n_trained * 18 + n_frozen * 2 \
+    # the layers reshard after forward: no bf16 copy of the adapter, nor of an offloaded base's layers, is
+    # held; the root's frozen embedding, norm and head stay gathered beside their bf16 shard of one rank
+    in_layers = {id(p) for layer in decoder_layers(model.llm, "test") for p in layer.parameters()}
+    assert all(id(p) in in_layers for p in model.parameters() if p.requires_grad)
+    gathered = 2 * sum(p.numel() for p in frozen if id(p) not in in_layers) if frozen_sharded else 0
+    assert 0 < gathered < 2 * n_frozen or not frozen_sharded
+    assert state_bytes(model, one_process_group, strategy, torch.bfloat16) == n_trained * 16 + n_frozen * 2 \
         + gathered + four
+    kept = dataclasses.replace(strategy, reshard_after_forward=False)  # a layer that keeps its copies
+    assert state_bytes(model, one_process_group, kept, torch.bfloat16) == n_trained * 18 + n_frozen * 2 \
+        + (2 * n_frozen if frozen_sharded else 0) + four
     loss = model(**_batch(seed=1))  # and it trains: every adapter weight gets a gradient, nothing else
     loss.backward()
     assert torch.isfinite(loss)
     assert all(p.grad is not None and p.grad.to_local().abs().sum() > 0
                for n, p in model.named_parameters() if "lora_B" in n)  # (A: zero, as B starts at 0)
     assert all(p.grad is None for p in model.parameters() if not p.requires_grad)
+
+
+def _zero(stage: int, offload: bool = False) -> ZeroSettings:
+    return ZeroSettings(source=f"deepspeed_zero{stage}", stage=stage, offload=offload, pin_memory=False,
+                        gradient_clipping=None, compute_dtype=None, ignored=())
+
+
+def _full_model(path: str) -> SupervisedFinetune:
+    return SupervisedFinetune(load_model(path, dtype="float32"), activation_checkpointing=False,
+                              torch_compile=False, fused_kernels="none")
+
+
+def _layer_states(model) -> set[str]:
+    """The FSDP2 states of the decoder layers' parameters: {'SHARDED'} once every layer has freed its
+    gathered (bf16) copy, {'UNSHARDED'} while every layer holds it."""
+    return {p.sharded_state.name for layer in decoder_layers(model.llm, "test")
+            for group in layer._get_fsdp_state()._fsdp_param_groups for p in group.fsdp_params}
+
+
+def test_only_a_lora_run_on_one_unoffloaded_rank_reshards_every_preset_and_keeps_the_name():
+    one = ParallelMesh(object(), dp_size=1, dp_rank=0, sp_size=1, sp_rank=0)  # FSDP2 on a process group of one
+    two = ParallelMesh(object(), dp_size=2, dp_rank=0, sp_size=1, sp_rank=0)
+    for zero in (None, _zero(1), _zero(2), _zero(3)):
+        full = strategy_for(zero, one, frozen_base=False)
+        assert full.reshard_after_forward == (zero is not None and zero.stage == 3)  # the preset's
+        lora = strategy_for(zero, one, frozen_base=True)
+        assert lora == dataclasses.replace(full, reshard_after_forward=True) and lora.name == full.name
+        # two ranks shard the base under ZeRO: the preset; replicate still splits nothing
+        assert strategy_for(zero, two, frozen_base=True) == (lora if zero is None else full)
+        assert strategy_for(zero, two, frozen_base=False) == full
+    offloaded = strategy_for(_zero(2, offload=True), one, frozen_base=True)  # FSDP2 keeps the base to offload it
+    assert offloaded.name == "zero2_offload" and not offloaded.reshard_after_forward
+
+
+@pytest.mark.parametrize("preset, lora, resharded", [
+    (None, True, True), (2, True, True), (2, False, False), (1, False, False), (3, False, True)])
+def test_one_rank_lora_layers_free_their_bf16_copy_after_forward_and_each_micro_batch(
+        one_process_group, tiny_llama_dir, preset, lora, resharded):
+    """A one-rank LoRA run frees each layer's bf16 adapter copy after its forward, and after the backward of
+    a micro-batch that is not the step's last; a full fine-tune under zero1/2 (or replicate) keeps it."""
+    strategy = strategy_for(_zero(preset) if preset else None, one_process_group, frozen_base=lora)
+    model = (_lora_model if lora else _full_model)(tiny_llama_dir)
+    parallelize(model, one_process_group, strategy, torch.device("cpu"), torch.bfloat16, tokens=64, log=None)
+    want = {"SHARDED" if resharded else "UNSHARDED"}
+    set_micro_batch(model, strategy, last=False)  # the first of two micro-batches
+    loss = model(**_batch(seed=1))
+    assert _layer_states(model) == want
+    loss.backward()
+    assert _layer_states(model) == want
+    set_micro_batch(model, strategy, last=True)
+    model(**_batch(seed=2)).backward()
+    assert _layer_states(model) == {"SHARDED"}  # the step's last backward frees every copy
+
+
+@pytest.mark.parametrize("preset, quantized, dtype", [
+    (2, False, torch.bfloat16), (None, False, torch.bfloat16), (None, False, torch.float32),
+    (1, True, torch.bfloat16)])
+def test_resharding_after_forward_changes_no_number_of_a_lora_step(one_process_group, tiny_llama_dir, preset,
+                                                                   quantized, dtype):
+    """One step, accumulation 2, through the loop's own _train_step, clipping and AdamW: bitwise the same loss,
+    gradient norm and adapter with the one-rank LoRA strategy as with the preset's layers kept gathered."""
+    new = strategy_for(_zero(preset) if preset else None, one_process_group, frozen_base=True)
+    old = dataclasses.replace(new, reshard_after_forward=False)
+    assert new.reshard_after_forward
+    env = DistEnv(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    batches = [packed_collate([whole_document_pack(docs)], "token")
+               for docs in ([[5, 9, 3, 7, 11, 2], [4, 8, 12]], [[6, 10, 14, 3, 5, 9, 20, 31]])]
+    results = []
+    for strategy in (old, new):
+        torch.manual_seed(0)  # the same adapter A
+        model = _qlora_model(tiny_llama_dir) if quantized else _lora_model(tiny_llama_dir)
+        if quantized:
+            _randomise_lora_b(model)
+        parallelize(model, one_process_group, strategy, env.device, dtype, tokens=64, log=None)
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=1e-2)
+        loss = _train_step(model, batches, env, one_process_group, strategy, 2, "token")[0]
+        norm = clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        results.append((loss, norm, {n: p.full_tensor().clone() for n, p in model.named_parameters()
+                                     if p.requires_grad}))
+    (loss0, norm0, adapter0), (loss1, norm1, adapter1) = results
+    assert torch.isfinite(loss0) and norm0 > 0
+    assert torch.equal(loss1, loss0) and torch.equal(norm1, norm0)
+    assert adapter1.keys() == adapter0.keys() and len(adapter0) == 28
+    for name in adapter0:
+        assert torch.equal(adapter1[name], adapter0[name]), name

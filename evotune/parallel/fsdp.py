@@ -31,6 +31,17 @@ frozen base is left out of FSDP2 altogether: sharding over one rank would only
 add an all-gathered copy of each weight (kept for the root's embedding and head,
 1.5 GB at 7B), and a frozen weight needs neither gradient reduction nor a cast.
 
+In that same case (a frozen base, one rank, no offload) FSDP2 manages only the
+adapter, and :func:`strategy_for` makes the decoder layers reshard after forward
+whatever the preset: with bf16 mixed precision a layer that does not keeps its
+adapter's bf16 compute copy from the forward to the backward (0.31 GiB at 7B,
+docs/lora.md "Sharding"), and with one rank "gathering" it again in backward is
+a local cast of a small adapter, no communication. :func:`set_micro_batch`
+follows the same flag, so these layers also reshard after every micro-batch's
+backward. A full fine-tune keeps its preset: there the bf16 copy is the whole
+model (13 GiB at 7B) and the cost of the extra cast per layer in backward is not
+measured on a GPU yet, a candidate once it is.
+
 How each setting maps (the cost table is in docs/distributed.md, "Strategies"):
 
 =============  ========================  ==================================================
@@ -79,7 +90,7 @@ from evotune.parallel.zero import ZeroSettings
 class Strategy:
     name: str  # replicate, zero1, zero2, zero3 (+ "_offload")
     replicate: bool  # full parameters on every rank
-    reshard_after_forward: bool  # zero3: free gathered layers between forward and backward
+    reshard_after_forward: bool  # free gathered layers between forward and backward (zero3; one-rank LoRA)
     sync_every_micro_batch: bool  # reduce gradients after each micro-batch, not once per step
     offload: bool = False
     pin_memory: bool = True
@@ -94,14 +105,22 @@ _STAGES = {
 }
 
 
-def strategy_for(zero: ZeroSettings | None) -> Strategy:
-    """The FSDP2 strategy of a ``--deepspeed`` setting (None: plain data parallel)."""
-    if zero is None:
-        return REPLICATE
-    base = _STAGES[zero.stage]
-    if not zero.offload:
-        return base
-    return dataclasses.replace(base, name=base.name + "_offload", offload=True, pin_memory=zero.pin_memory)
+def strategy_for(zero: ZeroSettings | None, pmesh: ParallelMesh, frozen_base: bool) -> Strategy:
+    """The FSDP2 strategy of a ``--deepspeed`` setting (None: plain data parallel) on ``pmesh``.
+
+    ``frozen_base`` (a LoRA run): where FSDP2 runs and the frozen base stays out of it (one rank, no
+    offload) the decoder layers reshard after forward whatever the preset (module docstring). This is
+    the one place that decides it: :func:`parallelize`, :func:`set_micro_batch` and :func:`state_bytes`
+    read the flag. Without FSDP2 (one CPU process) nothing is gathered or resharded, so the preset stays.
+    The name stays the preset's, so the printed strategy and the checkpoint's meta do not change.
+    """
+    strategy = REPLICATE if zero is None else _STAGES[zero.stage]
+    if zero is not None and zero.offload:
+        strategy = dataclasses.replace(strategy, name=strategy.name + "_offload", offload=True,
+                                       pin_memory=zero.pin_memory)
+    if frozen_base and uses_fsdp(pmesh) and _frozen_unsharded(pmesh, strategy):
+        strategy = dataclasses.replace(strategy, reshard_after_forward=True)
+    return strategy
 
 
 def uses_fsdp(pmesh: ParallelMesh) -> bool:
@@ -164,20 +183,31 @@ def state_bytes(model: nn.Module, pmesh: ParallelMesh, strategy: Strategy, compu
     """Estimated device bytes of weights, gradients and AdamW state per rank: 16 per trained parameter
     (fp32 master, fp32 gradient, two moments) and the stored bytes of a frozen one (compute dtype), over
     the ranks that shard them, plus the gathered 16-bit copy under mixed precision; 4-bit weights are
-    whole on every rank, and so is a frozen base FSDP2 leaves alone (no gathered copy)."""
+    whole on every rank, and so is a frozen base FSDP2 leaves alone (no gathered copy).
+
+    Decoder layers that reshard after forward (``strategy.reshard_after_forward``: zero3, a one-rank LoRA
+    run) count no gathered copy: they hold it only while they run, one layer (two with prefetch) of
+    all of them, which the reserve of :func:`evotune.model.checkpointing.choose_mode` covers; the root's
+    parameters (embedding, final norm, head) stay gathered from forward to backward and count it.
+    """
     shards = _shards(pmesh, strategy)
     mixed = compute_dtype != torch.float32
     frozen_alone = uses_fsdp(pmesh) and _frozen_unsharded(pmesh, strategy)
+    resharded = set()
+    if mixed and strategy.reshard_after_forward:  # model: a SupervisedFinetune, or a bare causal LM
+        resharded = {id(p) for layer in decoder_layers(getattr(model, "llm", model), "state_bytes counts them")
+                     for p in layer.parameters()}
     total = 0.0
     for p in model.parameters():
+        copy = 2 if mixed and id(p) not in resharded else 0  # the gathered 16-bit copy
         if is_4bit(p):
             total += p.nbytes
         elif p.requires_grad:
-            total += p.numel() * (16 / shards + (2 if mixed else 0))
+            total += p.numel() * (16 / shards + copy)
         elif frozen_alone:
             total += p.numel() * compute_dtype.itemsize
         else:
-            total += p.numel() * compute_dtype.itemsize / shards + (p.numel() * 2 if mixed else 0)
+            total += p.numel() * (compute_dtype.itemsize / shards + copy)
     return int(total)
 
 
@@ -224,7 +254,8 @@ def apply_fast_paths(model: nn.Module, pmesh: ParallelMesh, strategy: Strategy,
 def parallelize(model: nn.Module, pmesh: ParallelMesh, strategy: Strategy, device: torch.device,
                 compute_dtype: torch.dtype, tokens: int | None = None, log=print) -> nn.Module:
     """Checkpointing and compilation (:func:`apply_fast_paths`), then shard ``model``
-    (a ``SupervisedFinetune``) in place; one CPU process just gets fp32 weights."""
+    (a ``SupervisedFinetune``) in place; one CPU process just gets fp32 weights. The decoder layers
+    reshard after forward as ``strategy`` says (:func:`strategy_for` decides), the root never."""
     apply_fast_paths(model, pmesh, strategy, device, compute_dtype, tokens, log)
     if not uses_fsdp(pmesh):
         _set_dtypes_(model, compute_dtype)
@@ -248,8 +279,10 @@ def parallelize(model: nn.Module, pmesh: ParallelMesh, strategy: Strategy, devic
 
 
 def set_micro_batch(model: nn.Module, strategy: Strategy, last: bool) -> None:
-    """Before each micro-batch's forward: reduce gradients now or keep accumulating, and
-    keep gathered parameters until the step's last backward (all but zero3)."""
+    """Before each micro-batch's forward: reduce gradients now or keep accumulating, and keep gathered
+    parameters until the step's last backward, except where the layers reshard after forward (zero3, a
+    one-rank LoRA run: :func:`strategy_for`): they reshard after every backward too, else all layers'
+    copies would persist between micro-batches."""
     if not isinstance(model, FSDPModule):
         return
     model.set_requires_gradient_sync(last or strategy.sync_every_micro_batch)

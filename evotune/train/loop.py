@@ -175,7 +175,7 @@ def _train(s: Settings, env: DistEnv, stop: StopSignals) -> dict:
     if env.is_main:
         workdir.remove_leftovers(work_dir)
     pmesh = build_mesh(env, s.parallel.sequence_parallel_size)
-    strategy = strategy_for(s.parallel.deepspeed)
+    strategy = strategy_for(s.parallel.deepspeed, pmesh, frozen_base=bool((s.model.spec or {}).get("lora")))
     dataset, sampler = build_data(s.data, s.optim.accumulative_counts, pmesh.dp_size, pmesh.dp_rank)
     if len(dataset) == 0:
         raise EvotuneError(f"dataset_folder '{s.data.folder}': no pack of max_length tokens could be made")
