@@ -309,7 +309,7 @@ class _InternLM2Reference(torch.nn.Module):
         return self.output(self._norm(h, self.model.norm))
 
 
-def test_internlm2_adapter_in_internlm2_names_loads_in_peft_and_merges(tmp_path, small_folder):
+def test_internlm2_adapter_in_internlm2_names_loads_in_peft_and_merges(tmp_path, small_folder, capsys):
     from peft import PeftModel
 
     base = make_internlm2(tmp_path / "base", hidden_size=64, intermediate_size=96, num_attention_heads=8,
@@ -326,8 +326,9 @@ def test_internlm2_adapter_in_internlm2_names_loads_in_peft_and_merges(tmp_path,
     modules, config = read_adapter(adapter)
     assert sorted(config["target_modules"]) == ["w1", "w2", "w3", "wo", "wqkv"]
     wqkv = modules["model.layers.0.attention.wqkv"]
-    assert wqkv[0].shape == (12, 64) and wqkv[1].shape == ((8 + 4) * 8, 12)  # rank 3r, grouped rows
-    assert config["rank_pattern"] == {"attention.wqkv": 12} and config["alpha_pattern"] == {"attention.wqkv": 24}
+    # XTuner's adapter: q, k and v share one A, so wqkv's is rank r with B's rows grouped per kv head
+    assert wqkv[0].shape == (4, 64) and wqkv[1].shape == ((8 + 4) * 8, 4)
+    assert config["r"] == 4 and config["rank_pattern"] == {} and config["alpha_pattern"] == {}
     step = dcp.list_checkpoints(dcp.checkpoints_dir(str(work)))[-1][1]
     ours = _evotune_lora_logits(str(base), step, ids)
     with torch.no_grad():
@@ -341,6 +342,96 @@ def test_internlm2_adapter_in_internlm2_names_loads_in_peft_and_merges(tmp_path,
     with torch.no_grad():
         torch.testing.assert_close(load_model(merged)(ids).logits, ours, rtol=0, atol=1e-5)
     _assert_same_folder(work / "hf", merged)  # save_merged: the same InternLM2 folder
+
+    # the checkpoint's q, k and v share one A: a resume whose Llama names keep them independent is refused
+    llama_names = LORA.replace("r=4,", "r=4, target_modules=['q_proj', 'k_proj', 'v_proj', 'o_proj', 'gate_proj', "
+                               "'up_proj', 'down_proj'],")
+    (tmp_path / "other").mkdir()
+    other = lora_config_file(tmp_path / "other", str(base), small_folder, lora=llama_names, steps=6, lr=3e-2)
+    capsys.readouterr()
+    assert cli_main(["train", other, "--work-dir", str(work), "--resume", "auto"]) != 0
+    captured = capsys.readouterr()
+    assert "the checkpoint's adapter has one lora_A shared by q_proj, k_proj and v_proj" in captured.err + captured.out
+    assert "Traceback" not in captured.err
+
+
+def test_internlm2_adapter_is_xtuners_rank_r_adapter_on_wqkv(tmp_path):
+    """evotune's LoRA on an InternLM2 base, loaded as Llama layers, is the adapter XTuner trains on the fused
+    wqkv: the same loss and, mapped to wqkv (one A; B's rows grouped per kv head), the same gradients."""
+    from peft import LoraConfig, get_peft_model
+
+    from evotune.checkpoint.internlm2 import merge_wqkv
+    from evotune.model.lora import shares_qkv_a
+
+    base = make_internlm2(tmp_path / "base", hidden_size=64, intermediate_size=96, num_attention_heads=8,
+                          num_key_value_heads=2, vocab_size=128, max_position_embeddings=128)
+    ours = load_model(base, dtype="float32")
+    apply_lora(ours, dict(r=4, lora_alpha=8, lora_dropout=0.0), log=None)
+    _randomise_lora_b(ours)
+    assert shares_qkv_a(ours)
+    assert sum(p.numel() for p in ours.parameters() if p.requires_grad) == 2 * (
+        4 * 64 + (8 + 4) * 8 * 4 + (64 * 4 + 4 * 64) + 2 * (64 * 4 + 96 * 4) + (4 * 96 + 64 * 4))
+    xtuner = get_peft_model(_InternLM2Reference(base), LoraConfig(
+        r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["wqkv", "wo", "w1", "w2", "w3"]))
+    pairs = {"attention.wo": "self_attn.o_proj", "feed_forward.w1": "mlp.gate_proj",
+             "feed_forward.w3": "mlp.up_proj", "feed_forward.w2": "mlp.down_proj"}
+
+    def lora_of(module):
+        return module.lora_A["default"].weight, module.lora_B["default"].weight
+
+    with torch.no_grad():
+        for mine, theirs in zip(ours.model.layers, xtuner.base_model.model.model.layers):
+            q, k, v = (lora_of(mine.get_submodule(f"self_attn.{n}_proj")) for n in "qkv")
+            a, b = lora_of(theirs.attention.wqkv)
+            a.copy_(q[0]), b.copy_(merge_wqkv(q[1], k[1], v[1], 8, 2))
+            for name, llama in pairs.items():
+                for dst, src in zip(lora_of(theirs.get_submodule(name)), lora_of(mine.get_submodule(llama))):
+                    dst.copy_(src)
+    ids = torch.randint(3, 128, (2, 13))
+
+    def loss_of(logits):
+        return F.cross_entropy(logits[:, :-1].reshape(-1, 128), ids[:, 1:].reshape(-1))
+
+    loss, ref_loss = loss_of(ours(ids).logits), loss_of(xtuner(ids))
+    loss.backward(), ref_loss.backward()
+    torch.testing.assert_close(loss, ref_loss, rtol=0, atol=1e-6)
+    for mine, theirs in zip(ours.model.layers, xtuner.base_model.model.model.layers):
+        q, k, v = (lora_of(mine.get_submodule(f"self_attn.{n}_proj")) for n in "qkv")
+        a, b = lora_of(theirs.attention.wqkv)
+        assert k[0] is q[0] and v[0] is q[0]  # one A, one gradient summed over q, k and v
+        torch.testing.assert_close(q[0].grad, a.grad, rtol=0, atol=1e-6)
+        torch.testing.assert_close(merge_wqkv(q[1].grad, k[1].grad, v[1].grad, 8, 2), b.grad, rtol=0, atol=1e-6)
+        for name, llama in pairs.items():
+            for got, want in zip(lora_of(mine.get_submodule(llama)), lora_of(theirs.get_submodule(name))):
+                torch.testing.assert_close(got.grad, want.grad, rtol=0, atol=1e-6)
+        assert float(a.grad.abs().max()) > 0 and float(b.grad.abs().max()) > 0
+
+
+def test_independent_q_k_v_adapters_export_as_one_rank_3r_wqkv_adapter():
+    """Llama-named q/k/v adapters (three A's) have no rank-r wqkv equivalent: the export stacks them,
+    exactly: the wqkv update B @ A (times its scaling) is the grouped merge of the three updates."""
+    from evotune.checkpoint.adapter import to_internlm2
+    from evotune.checkpoint.internlm2 import merge_wqkv
+
+    gen = torch.Generator().manual_seed(0)
+    rows = {"q_proj": 64, "k_proj": 16, "v_proj": 16}
+    modules = {f"model.layers.0.self_attn.{n}": (torch.randn(4, 64, generator=gen), torch.randn(r, 4, generator=gen))
+               for n, r in rows.items()}
+    config = {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "k_proj", "v_proj"], "alpha_pattern":
+              {}, "rank_pattern": {}}
+    out, cfg = to_internlm2(modules, config, heads=8, kv_heads=2)
+    a, b = out["model.layers.0.attention.wqkv"]
+    assert a.shape == (12, 64) and b.shape == (96, 12)
+    assert cfg["rank_pattern"] == {"attention.wqkv": 12} and cfg["alpha_pattern"] == {"attention.wqkv": 24}
+    want = merge_wqkv(*(b_ @ a_ * 2 for a_, b_ in modules.values()), 8, 2)
+    torch.testing.assert_close(b @ a * (24 / 12), want, rtol=1e-6, atol=1e-5)
+    # one shared A (evotune's InternLM2 adapter) stays rank r
+    shared = {name: (modules["model.layers.0.self_attn.q_proj"][0], pair[1]) for name, pair in modules.items()}
+    out, cfg = to_internlm2(shared, config, heads=8, kv_heads=2)
+    a, b = out["model.layers.0.attention.wqkv"]
+    assert a.shape == (4, 64) and b.shape == (96, 4) and cfg["rank_pattern"] == {}
+    torch.testing.assert_close(b @ a * 2, merge_wqkv(*(b_ @ a_ * 2 for a_, b_ in shared.values()), 8, 2),
+                               rtol=1e-6, atol=1e-5)
 
 
 # ---------------------------------------------------------------- QLoRA

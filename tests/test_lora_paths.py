@@ -13,6 +13,7 @@ from evotune.cli import main as cli_main
 from evotune.errors import EvotuneError
 from evotune.model.finetune import SupervisedFinetune
 from evotune.model.load import load_model
+from evotune.model.lora import shares_qkv_a
 from evotune.model.checkpointing import set_activation_checkpointing
 from evotune.model.compile import compile_decoder_layers
 from tests.test_lora import _adapter, _lora_model, _metrics, _train_cli, lora_config_file
@@ -118,9 +119,17 @@ def test_target_modules_of_an_internlm2_base_may_use_internlm2_names(tmp_path, t
                                   fused_kernels="none",
                                   lora=dict(r=4, lora_alpha=8, target_modules=targets, task_type="CAUSAL_LM"))
 
-    assert _adapted(lora(base, ["wqkv", "w2"])) == ["down_proj", "k_proj", "q_proj", "v_proj"]
-    assert "LoRA target_modules in InternLM2 names: w2 -> down_proj; wqkv -> q_proj, k_proj, v_proj" \
-        in capsys.readouterr().out
+    fused = lora(base, ["wqkv", "w2"])
+    assert _adapted(fused) == ["down_proj", "k_proj", "q_proj", "v_proj"]
+    out = capsys.readouterr().out
+    assert "LoRA target_modules in InternLM2 names: w2 -> down_proj; wqkv -> q_proj, k_proj, v_proj" in out
+    assert "q_proj, k_proj and v_proj share one lora_A in each of 2 layers, one rank-4 adapter on wqkv" in out
+    assert shares_qkv_a(fused.llm)
+    split = lora(base, ["q_proj", "k_proj", "v_proj"])  # Llama names: three independent A's, as peft makes them
+    assert _adapted(split) == ["k_proj", "q_proj", "v_proj"] and not shares_qkv_a(split.llm)
+    assert "share one lora_A" not in capsys.readouterr().out
+    assert sum(p.numel() for p in split.parameters() if p.requires_grad) - \
+        sum(p.numel() for p in lora(base, ["wqkv"]).parameters() if p.requires_grad) == 2 * 2 * 4 * 64
     assert _adapted(lora(base, ["wo", "o_proj", "w1"])) == ["gate_proj", "o_proj"]  # both spellings, once
     with pytest.raises(EvotuneError, match=r"\['w4'\] match no linear layer of the model; its linear layers are: "
                                            r"down_proj, .*, v_proj \(in InternLM2 names: w1, w2, w3, wo, wqkv\)"):

@@ -15,13 +15,15 @@ names the published InternLM2 model has (docs/lora.md, "InternLM2"):
 ``o_proj -> attention.wo``, ``gate_proj -> feed_forward.w1``, ``up_proj -> w3``,
 ``down_proj -> w2``, and q/k/v -> one ``attention.wqkv`` adapter. ``wqkv``'s
 rows are grouped per key/value head (evotune/checkpoint/internlm2.py,
-:func:`merge_wqkv`), and the three projections have independent A matrices,
-so the exact single adapter has rank ``r_q + r_k + r_v``: ``A`` is the three
-A's stacked, ``B`` holds each projection's B in its rows of the grouped layout
-and in its own block of columns (zeros elsewhere), so that
-``B @ A = merge_wqkv(B_q A_q, B_k A_k, B_v A_v)``. Its ``rank_pattern`` /
-``alpha_pattern`` entry keeps the scaling of q (k's and v's blocks are
-rescaled if theirs differs).
+:func:`merge_wqkv`). When q, k and v share one A (what evotune trains on an
+InternLM2 base by default, XTuner's adapter: evotune/model/lora.py), it is the
+rank-r adapter ``(A, merge_wqkv(B_q, B_k, B_v))``. Independent A matrices (q, k
+and v named in Llama names) have no exact rank-r equivalent: the single adapter
+then has rank ``r_q + r_k + r_v``: ``A`` is the three A's stacked, ``B`` holds
+each projection's B in its rows of the grouped layout and in its own block of
+columns (zeros elsewhere), so that ``B @ A = merge_wqkv(B_q A_q, B_k A_k, B_v
+A_v)``. Its ``rank_pattern`` / ``alpha_pattern`` entry keeps the scaling of q
+(k's and v's blocks are rescaled if theirs differs).
 
 :func:`merge_into_plan` adds an adapter to a base's weights as a plan
 (evotune/checkpoint/plan.py): one tensor at a time, in the base's own layout;
@@ -76,6 +78,13 @@ def _alpha_for(scaling: float, r: int, rslora: bool) -> float:
     return scaling * (math.sqrt(r) if rslora else r)
 
 
+def _one_a(parts, scales) -> bool:
+    """q, k and v with the same A and scaling (evotune/model/lora.py shares A for an InternLM2 base):
+    then ``merge_wqkv(B_q, B_k, B_v) @ A`` is the whole update, a rank-r adapter on wqkv (XTuner's)."""
+    a = parts[0][1][0]
+    return len(set(scales)) == 1 and all(torch.equal(pair[0], a) for _, pair in parts[1:])
+
+
 def to_internlm2(modules: dict[str, tuple[torch.Tensor, torch.Tensor]], config: dict, heads: int,
                  kv_heads: int) -> tuple[dict, dict]:
     """Llama-named adapter ``{module path: (A, B)}`` + config -> InternLM2 names (module docstring)."""
@@ -87,7 +96,10 @@ def to_internlm2(modules: dict[str, tuple[torch.Tensor, torch.Tensor]], config: 
     rslora = bool(config.get("use_rslora"))
     for layer in layers:
         parts = [(name, modules[f"{layer}.{name}"]) for name in QKV if f"{layer}.{name}" in modules]
-        if parts:
+        if len(parts) == 3 and _one_a(parts, [module_scaling(config, f"{layer}.{n}") for n, _ in parts]):
+            (a, b_q), (_, b_k), (_, b_v) = (pair for _, pair in parts)
+            out[f"{layer}.attention.wqkv"] = (a, merge_wqkv(b_q, b_k, b_v, heads, kv_heads))
+        elif parts:
             head_dim = next(b.shape[0] // (heads if n == QKV[0] else kv_heads) for n, (_, b) in parts)
             dims = {QKV[0]: heads * head_dim, QKV[1]: kv_heads * head_dim, QKV[2]: kv_heads * head_dim}
             scale = module_scaling(config, f"{layer}.{parts[0][0]}")

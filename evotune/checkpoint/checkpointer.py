@@ -72,7 +72,9 @@ class Checkpointer:
     def resume(self, resume: str | None, data_changed_ok: bool = False) -> Resumed | None:
         """Load the checkpoint ``--resume`` names (None: a fresh run).
 
-        Refused first, in one line: a checkpoint of another optimizer, or of other
+        Refused first, in one line: a checkpoint of another optimizer, a LoRA
+        checkpoint whose q/k/v adapters share (or do not share) one A where this run's
+        do not (or do), or of other
         training data (``meta['data_fingerprint']``) unless ``data_changed_ok``
         (``--resume-data-changed=ok``); another model shape is refused by
         :func:`dcp.load_checkpoint`.
@@ -96,6 +98,14 @@ class Checkpointer:
         if before and now and before != now:
             raise EvotuneError(f"--resume {path}: the checkpoint was trained with the optimizer {before}, this run "
                                f"uses {now}; resume with the optimizer it was trained with, or start a fresh run")
+        if saved.get("lora") and self.meta.get("lora") and bool(saved.get("lora_shared_qkv_a")) != \
+                bool(self.meta.get("lora_shared_qkv_a")):
+            have = "one lora_A shared by" if saved.get("lora_shared_qkv_a") else "independent lora_A matrices for"
+            want = ("target_modules=['wqkv', 'wo', 'w1', 'w2', 'w3'] (or none)" if saved.get("lora_shared_qkv_a")
+                    else "target_modules=['q_proj', 'k_proj', 'v_proj', 'o_proj', 'gate_proj', 'up_proj', "
+                         "'down_proj'] (Llama names keep them independent)")
+            raise EvotuneError(f"--resume {path}: the checkpoint's adapter has {have} q_proj, k_proj and v_proj "
+                               f"(docs/lora.md, \"InternLM2\"), this run's does not; resume with {want}")
         before, now = saved.get("data_fingerprint"), self.meta.get("data_fingerprint")
         if before and now and before != now and not data_changed_ok:
             raise EvotuneError(f"--resume {path}: the training data changed since this checkpoint (index fingerprint "

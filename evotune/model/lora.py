@@ -113,14 +113,19 @@ def apply_lora(llm: nn.Module, spec, log=print):
     config = lora_config(spec)
     linears = linear_layer_names(llm)
     listed = ", ".join(sorted(linears))
+    source = ModelSource.of(llm)
+    internlm2 = source is not None and source.format in ("internlm2", "internevo")
+    # XTuner's adapter on InternLM2's fused wqkv (docs/lora.md, "InternLM2"): all linear layers, or wqkv named
+    fused_wqkv = internlm2 and not config.rank_pattern and not config.alpha_pattern and (
+        config.target_modules in (None, "all-linear")
+        or (not isinstance(config.target_modules, str) and "wqkv" in config.target_modules))
     if config.target_modules is None:
         config.target_modules = sorted(linears)
         how = "all linear layers of the decoder (no target_modules given)"
     elif isinstance(config.target_modules, str):  # a regex over module paths, as peft reads it
         how = f"target_modules regex {config.target_modules!r}"
     else:
-        source = ModelSource.of(llm)
-        if source is not None and source.format in ("internlm2", "internevo"):
+        if internlm2:
             config.target_modules = set(_from_internlm2_names(sorted(config.target_modules), linears, log))
             listed += f" (in InternLM2 names: {', '.join(sorted(INTERNLM2_TARGETS))})"
         unknown = sorted(set(config.target_modules) - set(linears))
@@ -138,12 +143,48 @@ def apply_lora(llm: nn.Module, spec, log=print):
         raise EvotuneError(f"lora target_modules {config.target_modules!r}: {e}; the model's linear layers are: "
                            f"{listed}") from e
     adapted = sorted({path.rsplit(".", 1)[-1] for path, m in llm.named_modules() if hasattr(m, "lora_A")})
+    shared = _share_qkv_a(llm) if fused_wqkv else 0
     llm.enable_input_require_grads()  # peft's rule for checkpointed layers whose inputs are all frozen
     if log:
         log(f"evotune: LoRA r={config.r} alpha={config.lora_alpha} dropout={config.lora_dropout} on {how}: "
             f"{', '.join(adapted)}")
+        if shared:
+            log(f"evotune: LoRA on InternLM2's wqkv: q_proj, k_proj and v_proj share one lora_A in each of "
+                f"{shared} layers, one rank-{config.r} adapter on wqkv as XTuner trains it")
         log("evotune: " + parameter_summary(llm))
     return config
+
+
+def _share_qkv_a(llm: nn.Module) -> int:
+    """Make q_proj's ``lora_A`` module also k_proj's and v_proj's, in every decoder layer adapting all three;
+    returns how many. InternLM2 computes q, k and v with one fused ``wqkv`` layer, and a LoRA adapter on it
+    (XTuner's) is ``wqkv + B @ A(x)`` with one ``A`` [r, hidden] and one ``B`` [rows of wqkv, r]: split into
+    evotune's Llama layers, that is one shared ``A`` and ``B``'s rows for q, k and v. The same module in
+    three places is one parameter to autograd (its gradient sums the three uses), the optimizer, FSDP2 and
+    DCP (which stores it under each name, loading the same values). peft draws each layer's dropout mask
+    separately, so with ``lora_dropout > 0`` q, k and v see three masks where the fused layer draws one."""
+    shared = 0
+    for layer in decoder_layers(llm, "LoRA shares wqkv's A across q, k and v"):
+        projections = [layer.get_submodule(name) for name in QKV]
+        if not all(hasattr(p, "lora_A") and ADAPTER_NAME in p.lora_A for p in projections):
+            continue
+        for p in projections[1:]:
+            p.lora_A[ADAPTER_NAME] = projections[0].lora_A[ADAPTER_NAME]
+        shared += 1
+    return shared
+
+
+def shares_qkv_a(llm: nn.Module) -> bool:
+    """Whether q, k and v share one ``lora_A`` (:func:`_share_qkv_a`): recorded in checkpoints, since a
+    checkpoint of independent ones cannot resume into shared ones."""
+    for layer in decoder_layers(llm, "LoRA shares wqkv's A across q, k and v"):
+        try:
+            q, k = (layer.get_submodule(name) for name in QKV[:2])
+        except AttributeError:  # not a Llama-style attention
+            return False
+        if all(hasattr(p, "lora_A") and ADAPTER_NAME in p.lora_A for p in (q, k)):
+            return q.lora_A[ADAPTER_NAME] is k.lora_A[ADAPTER_NAME]
+    return False
 
 
 def parameter_summary(module: nn.Module) -> str:

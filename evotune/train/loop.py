@@ -56,7 +56,7 @@ from evotune.data.loader import StepLoader
 from evotune.dtypes import dtype_name, parse_dtype
 from evotune.errors import EvotuneError
 from evotune.model import hub
-from evotune.model.lora import adapter_config, adapter_modules, is_4bit
+from evotune.model.lora import adapter_config, adapter_modules, is_4bit, shares_qkv_a
 from evotune.parallel.env import DistEnv
 from evotune.parallel.fsdp import clip_grad_norm_, parallelize, set_micro_batch, storage_summary, strategy_for
 from evotune.parallel.mesh import ParallelMesh, build_mesh
@@ -191,7 +191,7 @@ def _train(s: Settings, env: DistEnv, stop: StopSignals) -> dict:
         meta={"world_size": env.world_size, "dp_size": pmesh.dp_size, "sp_size": pmesh.sp_size,
               "strategy": strategy.name if pmesh.mesh is not None else "none",
               "model_source": ModelSource.of(m.llm), "optimizer": type(optimizer).__name__,
-              "lora": _lora_record(m.module),
+              "lora": _lora_record(m.module), "lora_shared_qkv_a": shares_qkv_a(m.llm),
               "data_fingerprint": f"{dataset.folder.fingerprint()}:{dataset.packed_length}:{len(dataset)}"})
     resumed = checkpointer.resume(s.runtime.resume, data_changed_ok=s.runtime.resume_data_changed)
     state = resumed.state if resumed else TrainState()
