@@ -553,9 +553,12 @@ def test_an_xtuner_qlora_config_trains_unchanged(config, offline, hub_home, smal
     assert "trust_remote_code=True: evotune loads internlm/internlm2-chat-7b" in out
     assert ("LoRA r=64 alpha=16 dropout=0.1 on all linear layers of the decoder (no target_modules given): "
             "down_proj, gate_proj, k_proj, o_proj, q_proj, up_proj, v_proj") in out
-    # trainable: r * (in + out) for each adapted linear of the tiny InternLM2 (hidden 32, kv rows 16, mlp 48)
+    # XTuner's adapter on the fused wqkv: q, k and v share one A (r x hidden); their B's are wqkv's rows
+    assert "q_proj, k_proj and v_proj share one lora_A in each of 2 layers, one rank-64 adapter on wqkv" in out
+    # trainable: r * (in + out) for each adapted linear of the tiny InternLM2 (hidden 32, kv rows 16, mlp 48),
+    # less k's and v's A (q's, shared)
     shapes = [(32, 32), (32, 16), (32, 16), (32, 32), (32, 48), (32, 48), (48, 32)]  # q k v o gate up down
-    assert f"trainable parameters {2 * sum(64 * (i + o) for i, o in shapes):,} (" in out
+    assert f"trainable parameters {2 * (sum(64 * (i + o) for i, o in shapes) - 2 * 64 * 32):,} (" in out
     assert "compute float16, trained weights float32, frozen 4-bit + float32" in out
     assert "the first pack, decoded" in out  # DatasetInfoHook
     first_pack = out.split("the first pack, decoded")[1]
@@ -586,6 +589,8 @@ def test_an_xtuner_qlora_config_trains_unchanged(config, offline, hub_home, smal
     assert sorted(cfg["target_modules"]) == ["w1", "w2", "w3", "wo", "wqkv"]
     weights = load_file(adapter / "adapter_model.safetensors")
     assert len(weights) == 2 * 5 * 2 and all(".attention." in k or ".feed_forward." in k for k in weights)
+    assert weights["base_model.model.model.layers.0.attention.wqkv.lora_A.weight"].shape == (64, 32)  # rank r
+    assert weights["base_model.model.model.layers.0.attention.wqkv.lora_B.weight"].shape == (32 + 2 * 16, 64)
     lora_b = [v for k, v in weights.items() if "lora_B" in k]
     assert len(lora_b) == 10 and all(v.abs().max() > 0 for v in lora_b)  # B starts at zero: every one trained
 
