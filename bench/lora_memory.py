@@ -14,7 +14,8 @@ Modes, each built the way ``evotune train`` builds it:
 
 * ``lora``: the base frozen in bf16, peft LoRA r=64 alpha=16 dropout 0.1 on
   every linear layer of the decoder (XTuner's QLoRA config numbers; evotune
-  loads InternLM2 as a Llama, so its ``wqkv`` is adapted as q/k/v_proj).
+  loads InternLM2 as a Llama and adapts its ``wqkv`` as XTuner does: q/k/v_proj
+  share one A, one rank-64 adapter on wqkv, 151.0 M trainable parameters).
 * ``qlora``: the same on the decoder's linear layers quantised by
   bitsandbytes, NF4, double quantisation, compute dtype bf16 (XTuner's
   ``BitsAndBytesConfig``); embedding, norms and head stay bf16.
@@ -133,6 +134,7 @@ def internlm2_plan(cfg: dict, seed: int) -> dict:
 def build_llm(shape: str, layers: int, tokens: int, mode: str, device: torch.device, seed: int = 0):
     """A random InternLM2 through evotune's InternLM2 loading path (a Llama), 4-bit for 'qlora'."""
     from evotune.checkpoint.internlm2 import llama_config_from_internlm2, plan_internlm2_to_llama
+    from evotune.checkpoint.source import ModelSource
     from evotune.model.internlm2 import build_llama
     from evotune.model.lora import quantize
 
@@ -141,6 +143,7 @@ def build_llm(shape: str, layers: int, tokens: int, mode: str, device: torch.dev
     plan = plan_internlm2_to_llama(internlm2_plan(cfg, seed), config.num_attention_heads,
                                    config.num_key_value_heads)
     llm = build_llama(config, plan, torch.bfloat16, where="bench InternLM2 weights")
+    ModelSource("internlm2", None, cfg).attach(llm)  # as load_model records it: LoRA adapts wqkv as XTuner
     if device.type == "cuda":  # quantised where it will run, as bitsandbytes does on .to(device)
         llm = llm.to(device)
     if mode == "qlora":
