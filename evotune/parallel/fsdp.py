@@ -34,7 +34,7 @@ add an all-gathered copy of each weight (kept for the root's embedding and head,
 In that same case (a frozen base, one rank, no offload) FSDP2 manages only the
 adapter, and :func:`strategy_for` makes the decoder layers reshard after forward
 whatever the preset: with bf16 mixed precision a layer that does not keeps its
-adapter's bf16 compute copy from the forward to the backward (0.31 GiB at 7B,
+adapter's bf16 compute copy from the forward to the backward (0.28 GiB at 7B,
 docs/lora.md "Sharding"), and with one rank "gathering" it again in backward is
 a local cast of a small adapter, no communication. :func:`set_micro_batch`
 follows the same flag, so these layers also reshard after every micro-batch's
