@@ -287,9 +287,7 @@ def _check_fits(path: str, state: dict) -> None:
     except Exception as e:  # noqa: BLE001 - an unreadable .metadata is one user error
         raise EvotuneError(f"{path}/.metadata cannot be read ({type(e).__name__}): the checkpoint is damaged; "
                            f"resume from an older one with --resume {os.path.dirname(path)}/step_<N>") from None
-    flat = {f"model.{k}": v for k, v in state["model"].items()}
-    for name, value in state["optimizer"].get("state", {}).items():
-        flat.update({f"optimizer.state.{name}.{k}": v for k, v in value.items()})
+    flat = _flat({"model": state["model"], "optimizer": {"state": state["optimizer"].get("state", {})}})
     missing = [k for k in flat if k not in saved and isinstance(flat[k], torch.Tensor)]
     if missing:
         what = "optimizer state" if missing[0].startswith("optimizer.") else "model tensor"
@@ -297,12 +295,21 @@ def _check_fits(path: str, state: dict) -> None:
                            f"was trained with another {'optimizer' if what != 'model tensor' else 'model'}; resume "
                            "with the config it was trained with")
     for key, value in flat.items():
-        md = saved[key]
+        md = saved.get(key)
         if isinstance(value, torch.Tensor) and isinstance(md, TensorStorageMetadata) and tuple(md.size) != tuple(
                 value.shape):
             raise EvotuneError(f"--resume {path}: {key} is {list(md.size)} in the checkpoint but {list(value.shape)} "
                                "in this model: it was trained with another model shape; resume with the config it "
                                "was trained with")
+
+
+def _flat(state: dict, prefix: str = "") -> dict:
+    """DCP's keys of a nested state dict (``optimizer.state.<param>.exp_avg``; bitsandbytes nests its
+    8-bit state one level deeper, ``<param>.__bnb_optimizer_quant_state__.state1``)."""
+    flat = {}
+    for k, v in state.items():
+        flat.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return flat
 
 
 def model_tensors(path: str) -> dict[str, tuple[str, object]]:

@@ -139,14 +139,14 @@ def _set_dtypes_(module: nn.Module, frozen_dtype: torch.dtype) -> None:
             p.data = p.data.to(dtype)
 
 
-def _shards(pmesh: ParallelMesh, strategy: Strategy) -> int:
+def shards(pmesh: ParallelMesh, strategy: Strategy) -> int:
     """Over how many ranks FSDP2 splits each parameter."""
     return 1 if strategy.replicate or not uses_fsdp(pmesh) else pmesh.dp_size * pmesh.sp_size
 
 
 def _frozen_unsharded(pmesh: ParallelMesh, strategy: Strategy) -> bool:
     """Whether the frozen base stays out of FSDP2 (module docstring): nothing to split, nothing offloaded."""
-    return _shards(pmesh, strategy) == 1 and not strategy.offload
+    return shards(pmesh, strategy) == 1 and not strategy.offload
 
 
 def _unmanaged_(model: nn.Module, device: torch.device, compute_dtype: torch.dtype,
@@ -190,7 +190,7 @@ def state_bytes(model: nn.Module, pmesh: ParallelMesh, strategy: Strategy, compu
     all of them, which the reserve of :func:`evotune.model.checkpointing.choose_mode` covers; the root's
     parameters (embedding, final norm, head) stay gathered from forward to backward and count it.
     """
-    shards = _shards(pmesh, strategy)
+    n_shards = shards(pmesh, strategy)
     mixed = compute_dtype != torch.float32
     frozen_alone = uses_fsdp(pmesh) and _frozen_unsharded(pmesh, strategy)
     resharded = set()
@@ -203,11 +203,11 @@ def state_bytes(model: nn.Module, pmesh: ParallelMesh, strategy: Strategy, compu
         if is_4bit(p):
             total += p.nbytes
         elif p.requires_grad:
-            total += p.numel() * (16 / shards + copy)
+            total += p.numel() * (16 / n_shards + copy)
         elif frozen_alone:
             total += p.numel() * compute_dtype.itemsize
         else:
-            total += p.numel() * (compute_dtype.itemsize / shards + copy)
+            total += p.numel() * (compute_dtype.itemsize / n_shards + copy)
     return int(total)
 
 

@@ -58,7 +58,8 @@ from evotune.errors import EvotuneError
 from evotune.model import hub
 from evotune.model.lora import adapter_config, adapter_modules, is_4bit, shares_qkv_a
 from evotune.parallel.env import DistEnv
-from evotune.parallel.fsdp import clip_grad_norm_, parallelize, set_micro_batch, storage_summary, strategy_for
+from evotune.parallel.fsdp import (clip_grad_norm_, parallelize, set_micro_batch, shards, storage_summary,
+                                   strategy_for)
 from evotune.parallel.mesh import ParallelMesh, build_mesh
 from evotune.parallel.ulysses import check_heads, shard_row
 from evotune.settings import ScheduleSettings, Settings
@@ -67,7 +68,7 @@ from evotune.train import workdir
 from evotune.train.evaluate import SAMPLES_FILE, build_sample_evaluator
 from evotune.train.loss_scale import LossScaler
 from evotune.train.nonfinite import SkipBudget
-from evotune.train.optim import build_optimizer
+from evotune.train.optim import build_optimizer, check_optimizer
 from evotune.train.preempt import Preempted, StopSignals
 from evotune.train.progress import Progress
 from evotune.train.schedule import build_scheduler
@@ -176,6 +177,7 @@ def _train(s: Settings, env: DistEnv, stop: StopSignals) -> dict:
         workdir.remove_leftovers(work_dir)
     pmesh = build_mesh(env, s.parallel.sequence_parallel_size)
     strategy = strategy_for(s.parallel.deepspeed, pmesh, frozen_base=bool((s.model.spec or {}).get("lora")))
+    check_optimizer(s.optim.optimizer, shards(pmesh, strategy), strategy.name)
     dataset, sampler = build_data(s.data, s.optim.accumulative_counts, pmesh.dp_size, pmesh.dp_rank)
     if len(dataset) == 0:
         raise EvotuneError(f"dataset_folder '{s.data.folder}': no pack of max_length tokens could be made")
