@@ -19,6 +19,11 @@ Modes, each built the way ``evotune train`` builds it:
 * ``qlora``: the same on the decoder's linear layers quantised by
   bitsandbytes, NF4, double quantisation, compute dtype bf16 (XTuner's
   ``BitsAndBytesConfig``); embedding, norms and head stay bf16.
+* ``qlora8``: ``qlora`` with bitsandbytes' ``AdamW8bit`` (the same lr, betas and
+  weight decay) instead of torch's AdamW: the two moments in 8 bits (1 byte
+  each per trained parameter instead of 4), what a QLoRA user picks to save
+  memory; evotune steps it on FSDP2's parameters (``evotune.train.optim``).
+  Not in the default ``--modes``: XTuner's QLoRA configs use torch's AdamW.
 * ``full``: a full fine-tune, **computed**, not run: evotune's own estimate of
   weights, gradients and AdamW state (``evotune.parallel.fsdp.state_bytes``: 16
   bytes per trained parameter + its 2-byte bf16 compute copy) plus the
@@ -103,7 +108,8 @@ LORA = dict(r=64, lora_alpha=16, lora_dropout=0.1, bias="none", task_type="CAUSA
 QLORA = dict(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
              bnb_4bit_compute_dtype=torch.bfloat16)
 OPTIMIZER = dict(lr=2e-4, betas=(0.9, 0.999), weight_decay=0.0)
-MODE_NAMES = {"full": "full fine-tune", "lora": "LoRA bf16", "qlora": "QLoRA NF4"}
+MODE_NAMES = {"full": "full fine-tune", "lora": "LoRA bf16", "qlora": "QLoRA NF4",
+              "qlora8": "QLoRA NF4 + AdamW8bit"}
 
 
 # ----------------------------------------------------------------------------- model and step
@@ -132,7 +138,7 @@ def internlm2_plan(cfg: dict, seed: int) -> dict:
 
 
 def build_llm(shape: str, layers: int, tokens: int, mode: str, device: torch.device, seed: int = 0):
-    """A random InternLM2 through evotune's InternLM2 loading path (a Llama), 4-bit for 'qlora'."""
+    """A random InternLM2 through evotune's InternLM2 loading path (a Llama), 4-bit for 'qlora*'."""
     from evotune.checkpoint.internlm2 import llama_config_from_internlm2, plan_internlm2_to_llama
     from evotune.checkpoint.source import ModelSource
     from evotune.model.internlm2 import build_llama
@@ -146,7 +152,7 @@ def build_llm(shape: str, layers: int, tokens: int, mode: str, device: torch.dev
     ModelSource("internlm2", None, cfg).attach(llm)  # as load_model records it: LoRA adapts wqkv as XTuner
     if device.type == "cuda":  # quantised where it will run, as bitsandbytes does on .to(device)
         llm = llm.to(device)
-    if mode == "qlora":
+    if mode.startswith("qlora"):
         quantize(llm, QLORA)
     return llm.eval()
 
@@ -155,6 +161,14 @@ def _packed_row(tokens: int, vocab: int, seed: int, pin: bool) -> dict:
     from train_throughput import make_packs, packed_batch
 
     return packed_batch(make_packs(1, tokens, vocab, seed)[0], pin=pin)
+
+
+def _optimizer_class(mode: str) -> type:
+    if mode == "qlora8":
+        import bitsandbytes
+
+        return bitsandbytes.optim.AdamW8bit
+    return torch.optim.AdamW
 
 
 def measure(mode: str, layers: int, args) -> dict:
@@ -176,7 +190,7 @@ def measure(mode: str, layers: int, args) -> dict:
                                    fused_kernels="auto", lora=LORA, loss_chunk_tokens=args.loss_chunk_tokens)
         fsdp.parallelize(model, pmesh, strategy, device, dtype, tokens=tokens, log=log)
         params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = build_optimizer({"type": torch.optim.AdamW, **OPTIMIZER}, params, device)
+        optimizer = build_optimizer({"type": _optimizer_class(mode), **OPTIMIZER}, params, device)
         return model.train(), StepContext(device, dtype, params, optimizer, pmesh=pmesh)
 
     def note(line):
@@ -211,6 +225,7 @@ def measure(mode: str, layers: int, args) -> dict:
     return {"mode": mode, "layers": layers, "tokens": args.tokens, "held_bytes": held,
             "peak_bytes": None if pm.peak_bytes is None else held + pm.peak_bytes,
             "param_bytes": param_bytes, "trainable": trainable, "state_bytes": state,
+            "optimizer": type(ctx.optimizer).__name__,
             "step_s": statistics.median(times[args.warmup:]) if len(times) > args.warmup else None,
             "times": times, "losses": losses, "method": pm.method, "notes": notes}
 
@@ -314,6 +329,10 @@ def report(results: list[dict], full: dict, args) -> dict:
         ratios["lora/full"] = at_target["lora"]["peak_bytes"] / full["peak_bytes"]
     if "qlora" in at_target:
         ratios["qlora/full"] = at_target["qlora"]["peak_bytes"] / full["peak_bytes"]
+    if "qlora8" in at_target:
+        ratios["qlora8/full"] = at_target["qlora8"]["peak_bytes"] / full["peak_bytes"]
+    if "qlora" in at_target and "qlora8" in at_target:
+        ratios["qlora8/qlora"] = at_target["qlora8"]["peak_bytes"] / at_target["qlora"]["peak_bytes"]
     if "lora" in at_target and "qlora" in at_target:
         ratios["qlora/lora"] = at_target["qlora"]["peak_bytes"] / at_target["lora"]["peak_bytes"]
         if at_target["lora"].get("step_s") and at_target["qlora"].get("step_s"):
@@ -322,14 +341,20 @@ def report(results: list[dict], full: dict, args) -> dict:
         by = {r["mode"]: r for r in results if r["layers"] == depth and not r.get("error")}
         if "lora" in by and "qlora" in by and by["lora"]["peak_bytes"]:
             ratios[f"qlora/lora at {depth} layers (measured)"] = by["qlora"]["peak_bytes"] / by["lora"]["peak_bytes"]
+        if "qlora" in by and "qlora8" in by and by["qlora"]["peak_bytes"]:
+            ratios[f"qlora8/qlora at {depth} layers (measured)"] = \
+                by["qlora8"]["peak_bytes"] / by["qlora"]["peak_bytes"]
     for name, value in ratios.items():
         print(f"ratio {name}: {value:.3f}")
     summary["ratios"] = ratios
-    if "qlora" in at_target:
-        r = at_target["qlora"]
+    for mode in ("qlora", "qlora8"):
+        if mode not in at_target:
+            continue
+        r = at_target[mode]
         fits = r["peak_bytes"] <= budget
-        summary["verdict"] = {"peak_bytes": r["peak_bytes"], "budget_bytes": budget, "fits": fits, "how": r["how"]}
-        print(f"verdict: QLoRA NF4, {target} layers x {args.tokens} tokens: peak {_gib(r['peak_bytes'])} "
+        summary.setdefault("verdicts", {})[mode] = {"peak_bytes": r["peak_bytes"], "budget_bytes": budget,
+                                                    "fits": fits, "how": r["how"]}
+        print(f"verdict: {MODE_NAMES[mode]}, {target} layers x {args.tokens} tokens: peak {_gib(r['peak_bytes'])} "
               f"({r['how']}) vs the {args.budget_gib:g} GiB goal: {'UNDER' if fits else 'OVER'}; "
               f"step {_secs(r.get('step_s'))} on {args.device}")
     return summary
@@ -342,7 +367,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--layers", default=None, help="decoder layers measured, comma separated (default 1,2,4)")
     p.add_argument("--target-layers", type=int, default=32, help="depth reported (32 = InternLM2-7B)")
     p.add_argument("--tokens", type=int, default=2048, help="tokens of the one packed row")
-    p.add_argument("--modes", default="lora,qlora", help="measured modes (full is always computed)")
+    p.add_argument("--modes", default="lora,qlora",
+                   help="measured modes, of lora, qlora, qlora8 (QLoRA with AdamW8bit); full is always computed")
     p.add_argument("--ac", choices=("full", "selective", "none", "auto"), default="full",
                    help="activation checkpointing (default full: what 'auto' picks on the CPU and on 8 GB)")
     p.add_argument("--fsdp", choices=("on", "off"), default="on",
@@ -361,9 +387,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     args.layers = [int(x) for x in (args.layers or "1,2,4").split(",")]
     args.modes = [m for m in args.modes.split(",") if m]
-    unknown = [m for m in args.modes if m not in ("lora", "qlora")]
+    unknown = [m for m in args.modes if m not in ("lora", "qlora", "qlora8")]
     if unknown:
-        p.error(f"--modes {','.join(unknown)}: measured modes are lora and qlora (full is computed)")
+        p.error(f"--modes {','.join(unknown)}: measured modes are lora, qlora and qlora8 (full is computed)")
     args.passthrough = ["--device", args.device, "--shape", args.shape, "--tokens", str(args.tokens),
                         "--ac", args.ac, "--fsdp", args.fsdp, "--warmup", str(args.warmup), "--steps", str(args.steps),
                         "--seed", str(args.seed), "--loss-chunk-tokens", str(args.loss_chunk_tokens)] \
@@ -389,7 +415,7 @@ def main(argv=None) -> int:
           f"{shape['vocab_size']:,}), one packed row of {args.tokens} tokens, bf16 compute; LoRA r={LORA['r']} "
           f"alpha={LORA['lora_alpha']} dropout={LORA['lora_dropout']} on every decoder linear layer; QLoRA NF4 + "
           f"double quant; activation checkpointing {args.ac}; FSDP2 {args.fsdp}; loss chunks of "
-          f"{args.loss_chunk_tokens} tokens; AdamW on the adapter; {args.warmup} warm-up + "
+          f"{args.loss_chunk_tokens} tokens; AdamW on the adapter (qlora8: AdamW8bit); {args.warmup} warm-up + "
           f"{args.steps} timed steps")
     print(f"# measured: layers {','.join(map(str, args.layers))}, each mode and depth in its own process; "
           f"reported at {args.target_layers} layers")
@@ -412,7 +438,7 @@ def main(argv=None) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps({"command": command, "commit": commit(), "machine": machine(device),
                                                "results": results, **summary}, indent=1, default=str) + "\n")
-    return 0 if summary.get("verdict") is not None or "qlora" not in args.modes else 1
+    return 0 if summary.get("verdicts") or not {"qlora", "qlora8"} & set(args.modes) else 1
 
 
 if __name__ == "__main__":

@@ -55,6 +55,20 @@ def test_lora_and_qlora_steps_train_the_adapter_on_every_linear_layer_and_qlora_
     assert any("not compiled (bitsandbytes 4-bit layers" in n for n in qlora["notes"])
 
 
+def test_qlora8_steps_bitsandbytes_adamw8bit_on_fsdp2_parameters(bench, monkeypatch):
+    monkeypatch.setattr(bench, "PeakMemory", _NoMemoryTracking)
+    threads = torch.get_num_threads()
+    try:
+        args = _tiny_args(bench)
+        qlora, qlora8 = (bench.measure(mode, 1, args) for mode in ("qlora", "qlora8"))
+    finally:
+        torch.set_num_threads(threads)
+    assert (qlora["optimizer"], qlora8["optimizer"]) == ("AdamW", "AdamW8bit")
+    assert qlora8["trainable"] == qlora["trainable"] and qlora8["param_bytes"] == qlora["param_bytes"]
+    # the same model and rows: the warm-up step's loss comes before any update, the next one after a different one
+    assert qlora8["losses"][0] == qlora["losses"][0] and qlora8["losses"][1] != qlora["losses"][1]
+
+
 def test_a_measuring_process_reports_its_peak_rss_above_the_built_model(bench):
     args = _tiny_args(bench)
     got = bench._child("qlora", 1, args)
@@ -90,18 +104,24 @@ def test_report_labels_measured_extrapolated_and_computed_rows_and_gives_the_ver
                 "state_bytes": peak * gib / 4, "step_s": step}
 
     results = [row("lora", 1, 4.0, 10.0), row("lora", 2, 4.5, 12.0),
-               row("qlora", 1, 2.0, 20.0), row("qlora", 2, 2.25, 23.0)]
+               row("qlora", 1, 2.0, 20.0), row("qlora", 2, 2.25, 23.0),
+               row("qlora8", 1, 1.5, 20.0), row("qlora8", 2, 1.7, 23.0)]
     full = {"peak_bytes": 100 * gib, "state_bytes": 99 * gib, "kept_bytes": 0.5 * gib, "recompute_bytes": 0.5 * gib}
-    summary = bench.report(results, full, args)
+    summary = bench.report(results, full, _tiny_args(bench, "--modes", "lora,qlora,qlora8"))
     out = capsys.readouterr().out
     # 32 layers: 4.0 + 31 * 0.5 = 19.5 GiB (LoRA), 2.0 + 31 * 0.25 = 9.75 GiB (QLoRA), step 20 + 31 * 3 s
     assert "| LoRA bf16 | 32 | 19.50 GiB |" in out and "| QLoRA NF4 | 32 | 9.75 GiB |" in out
-    assert out.count("**extrapolated from 1, 2**") == 2 and out.count("| measured |") == 4
+    assert out.count("**extrapolated from 1, 2**") == 3 and out.count("| measured |") == 6
     assert "**computed**" in out
     assert summary["ratios"]["qlora/lora"] == pytest.approx(9.75 / 19.5)
     assert summary["ratios"]["lora/full"] == pytest.approx(0.195)
     assert "verdict: QLoRA NF4, 32 layers x 64 tokens: peak 9.75 GiB (extrapolated from 1, 2) vs the 8 GiB goal: " \
            "OVER; step 113.0 s on cpu" in out
-    assert not summary["verdict"]["fits"]
+    assert not summary["verdicts"]["qlora"]["fits"]
+    # AdamW8bit: 1.5 + 31 * 0.2 = 7.7 GiB, its own verdict and its ratio to QLoRA with AdamW
+    assert "verdict: QLoRA NF4 + AdamW8bit, 32 layers x 64 tokens: peak 7.70 GiB (extrapolated from 1, 2) vs the " \
+           "8 GiB goal: UNDER" in out and summary["verdicts"]["qlora8"]["fits"]
+    assert summary["ratios"]["qlora8/qlora"] == pytest.approx(7.7 / 9.75)
+    assert summary["ratios"]["qlora8/qlora at 2 layers (measured)"] == pytest.approx(1.7 / 2.25)
     bench.report(results, full, _tiny_args(bench, "--budget-gib", "10"))
     assert "goal: UNDER" in capsys.readouterr().out
