@@ -266,13 +266,20 @@ def extrapolate(points: dict[int, float], target: int) -> tuple[float, float, fl
     return float(fixed + per * target), float(per), float(fixed), residual
 
 
-def _child(mode: str, layers: int, args) -> dict:
-    """``measure`` in a fresh process (its peak RSS is its own)."""
-    argv = [sys.executable, str(Path(__file__).resolve()), "--child", f"{mode}:{layers}"] + args.passthrough
-    proc = subprocess.run(argv, capture_output=True, text=True, timeout=args.per_run)
+def child_process(script: str, child: str, passthrough: list[str], timeout: float) -> dict:
+    """``script --child CHILD ...`` in a fresh process, so that its peak RSS is its own: the JSON of its
+    last output line, or ``{"error": its last error line}``."""
+    argv = [sys.executable, script, "--child", child, *passthrough]
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
-        return {"mode": mode, "layers": layers, "error": (proc.stderr.strip().splitlines() or ["?"])[-1]}
+        return {"error": (proc.stderr.strip().splitlines() or ["?"])[-1]}
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _child(mode: str, layers: int, args) -> dict:
+    """``measure`` in a fresh process."""
+    return {"mode": mode, "layers": layers,
+            **child_process(str(Path(__file__).resolve()), f"{mode}:{layers}", args.passthrough, args.per_run)}
 
 
 def _gib(x) -> str:

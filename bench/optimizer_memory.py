@@ -36,7 +36,6 @@ import json
 import os
 import shlex
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -47,7 +46,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from lora_memory import LORA, OPTIMIZER, internlm2_config  # noqa: E402
+from lora_memory import LORA, OPTIMIZER, child_process, internlm2_config  # noqa: E402
 from peak_memory import PeakMemory  # noqa: E402
 
 GIB = 2**30
@@ -152,11 +151,9 @@ def measure(name: str, layers: int, args) -> dict:
 
 
 def _child(name: str, layers: int, args) -> dict:
-    argv = [sys.executable, str(Path(__file__).resolve()), "--child", f"{name}:{layers}"] + args.passthrough
-    proc = subprocess.run(argv, capture_output=True, text=True, timeout=args.per_run)
-    if proc.returncode != 0:
-        return {"optimizer": name, "layers": layers, "error": (proc.stderr.strip().splitlines() or ["?"])[-1]}
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    """``measure`` in a fresh process."""
+    return {"optimizer": name, "layers": layers,
+            **child_process(str(Path(__file__).resolve()), f"{name}:{layers}", args.passthrough, args.per_run)}
 
 
 def _gib(x) -> str:

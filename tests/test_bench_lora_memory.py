@@ -29,14 +29,19 @@ def _tiny_args(bench, *extra):
                              "--threads", "1", *extra])
 
 
-def test_lora_and_qlora_steps_train_the_adapter_on_every_linear_layer_and_qlora_stores_4_bit(bench, monkeypatch):
+def _measure(bench, monkeypatch, modes: tuple[str, ...], layers: int) -> list[dict]:
+    """``measure`` of each mode in this process, memory untracked (the bench sets the thread count)."""
     monkeypatch.setattr(bench, "PeakMemory", _NoMemoryTracking)
     threads = torch.get_num_threads()
     try:
         args = _tiny_args(bench)
-        lora, qlora = (bench.measure(mode, 2, args) for mode in ("lora", "qlora"))
+        return [bench.measure(mode, layers, args) for mode in modes]
     finally:
         torch.set_num_threads(threads)
+
+
+def test_lora_and_qlora_steps_train_the_adapter_on_every_linear_layer_and_qlora_stores_4_bit(bench, monkeypatch):
+    lora, qlora = _measure(bench, monkeypatch, ("lora", "qlora"), 2)
     s = bench.SHAPES["tiny"]
     H, inter = s["hidden_size"], s["intermediate_size"]
     kv = H // s["num_attention_heads"] * s["num_key_value_heads"]
@@ -56,13 +61,7 @@ def test_lora_and_qlora_steps_train_the_adapter_on_every_linear_layer_and_qlora_
 
 
 def test_qlora8_steps_bitsandbytes_adamw8bit_on_fsdp2_parameters(bench, monkeypatch):
-    monkeypatch.setattr(bench, "PeakMemory", _NoMemoryTracking)
-    threads = torch.get_num_threads()
-    try:
-        args = _tiny_args(bench)
-        qlora, qlora8 = (bench.measure(mode, 1, args) for mode in ("qlora", "qlora8"))
-    finally:
-        torch.set_num_threads(threads)
+    qlora, qlora8 = _measure(bench, monkeypatch, ("qlora", "qlora8"), 1)
     assert (qlora["optimizer"], qlora8["optimizer"]) == ("AdamW", "AdamW8bit")
     assert qlora8["trainable"] == qlora["trainable"] and qlora8["param_bytes"] == qlora["param_bytes"]
     # the same model and rows: the warm-up step's loss comes before any update, the next one after a different one
