@@ -101,3 +101,16 @@ def test_check_optimizer_refuses_only_bitsandbytes_on_split_parameters():
     with pytest.raises(EvotuneError, match="PagedAdamW8bit: bitsandbytes optimizers update whole parameters, "
                                            "and zero3 splits each one over 8 ranks"):
         check_optimizer({"type": bnb.optim.PagedAdamW8bit}, 8, "zero3")
+
+
+def test_resuming_8bit_state_with_torchs_adamw_is_one_line(adamw8bit_runs, tmp_path):
+    tmp, one, _ = adamw8bit_runs
+    work = _stopped_after_step_2(tmp / "one", tmp_path / "other")
+    adamw = tmp_path / "adamw.py"
+    adamw.write_text(Path(one).read_text().replace("type=AdamW8bit,", "type=AdamW,").replace(", min_8bit_size=16", ""))
+    out = subprocess.run([sys.executable, "-m", "evotune.cli", "train", str(adamw), "--work-dir", str(work),
+                          "--device", "cpu", "--resume", "auto"], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"}, cwd=Path(__file__).resolve().parents[1])
+    assert out.returncode != 0 and "Traceback" not in out.stdout + out.stderr
+    assert "the checkpoint was trained with the optimizer AdamW8bit, this run uses AdamW" in out.stdout + out.stderr
+    assert sorted(p.name for p in (work / "checkpoints").iterdir()) == ["step_2"]  # nothing saved is lost
