@@ -163,8 +163,9 @@ def _packed_row(tokens: int, vocab: int, seed: int, pin: bool) -> dict:
     return packed_batch(make_packs(1, tokens, vocab, seed)[0], pin=pin)
 
 
-def _optimizer_class(mode: str) -> type:
-    if mode == "qlora8":
+def optimizer_class(eight_bit: bool) -> type:
+    """bitsandbytes' ``AdamW8bit`` or torch's ``AdamW`` (XTuner's), both with ``OPTIMIZER``'s settings."""
+    if eight_bit:
         import bitsandbytes
 
         return bitsandbytes.optim.AdamW8bit
@@ -190,7 +191,7 @@ def measure(mode: str, layers: int, args) -> dict:
                                    fused_kernels="auto", lora=LORA, loss_chunk_tokens=args.loss_chunk_tokens)
         fsdp.parallelize(model, pmesh, strategy, device, dtype, tokens=tokens, log=log)
         params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = build_optimizer({"type": _optimizer_class(mode), **OPTIMIZER}, params, device)
+        optimizer = build_optimizer({"type": optimizer_class(mode == "qlora8"), **OPTIMIZER}, params, device)
         return model.train(), StepContext(device, dtype, params, optimizer, pmesh=pmesh)
 
     def note(line):

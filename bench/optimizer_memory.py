@@ -46,19 +46,11 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from lora_memory import LORA, OPTIMIZER, child_process, internlm2_config  # noqa: E402
+from lora_memory import LORA, OPTIMIZER, child_process, internlm2_config, optimizer_class  # noqa: E402
 from peak_memory import PeakMemory  # noqa: E402
 
 GIB = 2**30
 OPTIMIZERS = ("adamw", "adamw8bit")
-
-
-def optimizer_class(name: str) -> type:
-    if name == "adamw8bit":
-        import bitsandbytes
-
-        return bitsandbytes.optim.AdamW8bit
-    return torch.optim.AdamW
 
 
 def adapter_shapes(layers: int, shape: str = "7b") -> list[tuple[int, ...]]:
@@ -117,7 +109,7 @@ def measure(name: str, layers: int, args) -> dict:
     from evotune.train.optim import build_optimizer
 
     device = torch.device("cpu")
-    spec = {"type": optimizer_class(name), **OPTIMIZER}
+    spec = {"type": optimizer_class(name == "adamw8bit"), **OPTIMIZER}
     gen = torch.Generator().manual_seed(args.seed)
     group = one_process_group(device) if args.fsdp == "on" else contextlib.nullcontext()
     with group as pmesh:
