@@ -69,7 +69,10 @@ layer + a fixed part: embedding, head, loss, libraries), with its largest
 residual printed; the same for the step time and the state estimate. This
 assumes the peak is reached at the same point of the step at every depth;
 the residual over three depths checks it (two depths alone once put QLoRA's
-slope 20% low). ``--layers 32`` on a GPU measures the whole model instead. Not a test: run by hand and record the
+slope 20% low). On a CPU without AVX512-BF16/AMX, bf16 backward products run
+at ~0.3 GFLOP/s and even one layer does not finish: ``--cpu-matmul fp32``
+computes them in fp32 blocks (``bench/cpu_matmul.py``: the same tensors kept,
+at most 48 MiB more transients per product). ``--layers 32`` on a GPU measures the whole model instead. Not a test: run by hand and record the
 output in docs/performance.md (section "LoRA and QLoRA memory").
 """
 
@@ -94,6 +97,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from convert_memory import internlm2_shapes  # noqa: E402
+from cpu_matmul import Fp32Matmul  # noqa: E402
 from evotune.model.loss import DEFAULT_CHUNK_TOKENS  # noqa: E402
 from peak_memory import PeakMemory  # noqa: E402
 
@@ -199,7 +203,8 @@ def measure(mode: str, layers: int, args) -> dict:
 
     group = one_process_group(device) if args.fsdp == "on" else contextlib.nullcontext(
         ParallelMesh(None, dp_size=1, dp_rank=0, sp_size=1, sp_rank=0))
-    with group as pmesh:
+    routing = Fp32Matmul() if args.cpu_matmul == "fp32" else contextlib.nullcontext()
+    with group as pmesh, routing:
         strategy = fsdp.strategy_for(None, pmesh, frozen_base=True)  # evotune train's, without --deepspeed
         # libraries initialise lazily: one step of a tiny model of the same mode before anything is measured
         with contextlib.redirect_stdout(sys.stderr):
@@ -384,6 +389,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "(frozen base bf16, adapter fp32), to see what FSDP adds")
     p.add_argument("--loss-chunk-tokens", type=int, default=DEFAULT_CHUNK_TOKENS,
                    help="SupervisedFinetune(loss_chunk_tokens=): tokens per chunk of the fused loss")
+    p.add_argument("--cpu-matmul", choices=("bf16", "fp32"), default="bf16",
+                   help="fp32: compute bf16 CPU matrix products in fp32 blocks (bench/cpu_matmul.py), for CPUs "
+                        "without AVX512-BF16/AMX, where bf16 backward products run at ~0.3 GFLOP/s")
     p.add_argument("--warmup", type=int, default=1, help="steps before the timed ones (the first allocates AdamW)")
     p.add_argument("--steps", type=int, default=2, help="timed steps (median)")
     p.add_argument("--threads", type=int, default=None, help="CPU intra-op threads (default: all cores)")
@@ -398,9 +406,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     unknown = [m for m in args.modes if m not in ("lora", "qlora", "qlora8")]
     if unknown:
         p.error(f"--modes {','.join(unknown)}: measured modes are lora, qlora and qlora8 (full is computed)")
+    if args.cpu_matmul == "fp32" and not args.device.startswith("cpu"):
+        p.error(f"--cpu-matmul fp32 routes CPU products only; with --device {args.device} leave it out")
     args.passthrough = ["--device", args.device, "--shape", args.shape, "--tokens", str(args.tokens),
                         "--ac", args.ac, "--fsdp", args.fsdp, "--warmup", str(args.warmup), "--steps", str(args.steps),
-                        "--seed", str(args.seed), "--loss-chunk-tokens", str(args.loss_chunk_tokens)] \
+                        "--seed", str(args.seed), "--loss-chunk-tokens", str(args.loss_chunk_tokens),
+                        "--cpu-matmul", args.cpu_matmul] \
         + (["--threads", str(args.threads)] if args.threads else [])
     return args
 
@@ -425,6 +436,9 @@ def main(argv=None) -> int:
           f"double quant; activation checkpointing {args.ac}; FSDP2 {args.fsdp}; loss chunks of "
           f"{args.loss_chunk_tokens} tokens; AdamW on the adapter (qlora8: AdamW8bit); {args.warmup} warm-up + "
           f"{args.steps} timed steps")
+    if args.cpu_matmul == "fp32":
+        print("# bf16 CPU matrix products computed in fp32 blocks of 2048 (bench/cpu_matmul.py): the same tensors "
+              "kept, at most 48 MiB more transients per product")
     print(f"# measured: layers {','.join(map(str, args.layers))}, each mode and depth in its own process; "
           f"reported at {args.target_layers} layers")
     print(f"# memory: {PeakMemory(device).method}, above the process before the model is built")
