@@ -233,7 +233,8 @@ def measure(mode: str, layers: int, args) -> dict:
             "param_bytes": param_bytes, "trainable": trainable, "state_bytes": state,
             "optimizer": type(ctx.optimizer).__name__,
             "step_s": statistics.median(times[args.warmup:]) if len(times) > args.warmup else None,
-            "times": times, "losses": losses, "method": pm.method, "notes": notes}
+            "times": times, "losses": losses, "method": pm.method, "notes": notes,
+            "routed_products": getattr(routing, "routed", None)}
 
 
 def full_finetune(args) -> dict:

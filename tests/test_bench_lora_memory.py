@@ -29,12 +29,12 @@ def _tiny_args(bench, *extra):
                              "--threads", "1", *extra])
 
 
-def _measure(bench, monkeypatch, modes: tuple[str, ...], layers: int) -> list[dict]:
+def _measure(bench, monkeypatch, modes: tuple[str, ...], layers: int, *extra: str) -> list[dict]:
     """``measure`` of each mode in this process, memory untracked (the bench sets the thread count)."""
     monkeypatch.setattr(bench, "PeakMemory", _NoMemoryTracking)
     threads = torch.get_num_threads()
     try:
-        args = _tiny_args(bench)
+        args = _tiny_args(bench, *extra)
         return [bench.measure(mode, layers, args) for mode in modes]
     finally:
         torch.set_num_threads(threads)
@@ -66,6 +66,22 @@ def test_qlora8_steps_bitsandbytes_adamw8bit_on_fsdp2_parameters(bench, monkeypa
     assert qlora8["trainable"] == qlora["trainable"] and qlora8["param_bytes"] == qlora["param_bytes"]
     # the same model and rows: the warm-up step's loss comes before any update, the next one after a different one
     assert qlora8["losses"][0] == qlora["losses"][0] and qlora8["losses"][1] != qlora["losses"][1]
+
+
+def test_cpu_matmul_fp32_steps_the_same_model_to_bf16_rounding(bench, monkeypatch):
+    (bf16,) = _measure(bench, monkeypatch, ("qlora",), 1)
+    (fp32,) = _measure(bench, monkeypatch, ("qlora",), 1, "--cpu-matmul", "fp32")
+    assert fp32["trainable"] == bf16["trainable"] and fp32["param_bytes"] == bf16["param_bytes"]
+    assert bf16["routed_products"] is None and fp32["routed_products"]["aten.mm.default"] > 0
+    assert fp32["routed_products"]["bitsandbytes.gemm_4bit.default"] > 0
+    assert fp32["losses"] == pytest.approx(bf16["losses"], rel=1e-3)  # the same step, to bf16 rounding
+    assert "--cpu-matmul" in _tiny_args(bench, "--cpu-matmul", "fp32").passthrough  # the measuring processes too
+
+
+def test_cpu_matmul_fp32_on_a_gpu_is_refused(bench, capsys):
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--device", "cuda", "--cpu-matmul", "fp32"])
+    assert "--cpu-matmul fp32 routes CPU products only" in capsys.readouterr().err
 
 
 def test_a_measuring_process_reports_its_peak_rss_above_the_built_model(bench):
