@@ -72,7 +72,8 @@ the residual over three depths checks it (two depths alone once put QLoRA's
 slope 20% low). On a CPU without AVX512-BF16/AMX, bf16 backward products run
 at ~0.3 GFLOP/s and even one layer does not finish: ``--cpu-matmul fp32``
 computes them in fp32 blocks (``bench/cpu_matmul.py``: the same tensors kept,
-at most 48 MiB more transients per product). ``--layers 32`` on a GPU measures the whole model instead. Not a test: run by hand and record the
+at most 48 MiB more transients per product). ``--layers 32`` on a GPU
+measures the whole model instead. Not a test: run by hand and record the
 output in docs/performance.md (section "LoRA and QLoRA memory").
 """
 
