@@ -184,19 +184,21 @@ def measure(mode: str, layers: int, args) -> dict:
     from evotune.model.finetune import SupervisedFinetune
     from evotune.parallel import fsdp
     from evotune.parallel.mesh import ParallelMesh
-    from evotune.train.optim import build_optimizer
+    from evotune.train.optim import build_optimizer, moment_bytes
 
     device = torch.device(args.device)
     dtype = torch.bfloat16
     notes: list[str] = []
+    spec = {"type": optimizer_class(mode == "qlora8"), **OPTIMIZER}
+    moments = moment_bytes(spec)  # what evotune train passes for this optimizer
 
     def build(shape, n_layers, tokens, pmesh, log):
         llm = build_llm(shape, n_layers, tokens, mode, device, args.seed)
         model = SupervisedFinetune(llm, activation_checkpointing=args.ac, torch_compile="auto",
                                    fused_kernels="auto", lora=LORA, loss_chunk_tokens=args.loss_chunk_tokens)
-        fsdp.parallelize(model, pmesh, strategy, device, dtype, tokens=tokens, log=log)
+        fsdp.parallelize(model, pmesh, strategy, device, dtype, tokens=tokens, log=log, moment_bytes=moments)
         params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = build_optimizer({"type": optimizer_class(mode == "qlora8"), **OPTIMIZER}, params, device)
+        optimizer = build_optimizer(spec, params, device)
         return model.train(), StepContext(device, dtype, params, optimizer, pmesh=pmesh)
 
     def note(line):
@@ -220,7 +222,7 @@ def measure(mode: str, layers: int, args) -> dict:
             held = since_start.held_bytes()
             trainable = sum(p.numel() for p in ctx.params)
             param_bytes = sum(p.nbytes for p in model.parameters())
-            state = fsdp.state_bytes(model, pmesh, strategy, dtype)
+            state = fsdp.state_bytes(model, pmesh, strategy, dtype, moments)
             times, losses = [], []
             with PeakMemory(device) as pm:  # the steps: peak above what the built model holds
                 for row in rows:

@@ -16,7 +16,7 @@ import torch
 from torch.distributed.checkpoint import FileSystemReader
 
 from evotune.errors import EvotuneError
-from evotune.train.optim import check_optimizer
+from evotune.train.optim import check_optimizer, moment_bytes
 from tests.test_lora import _adapter, _metrics, _stopped_after_step_2, _train_cli, lora_config_file
 
 bnb = pytest.importorskip("bitsandbytes")
@@ -114,3 +114,25 @@ def test_resuming_8bit_state_with_torchs_adamw_is_one_line(adamw8bit_runs, tmp_p
     assert out.returncode != 0 and "Traceback" not in out.stdout + out.stderr
     assert "the checkpoint was trained with the optimizer AdamW8bit, this run uses AdamW" in out.stdout + out.stderr
     assert sorted(p.name for p in (work / "checkpoints").iterdir()) == ["step_2"]  # nothing saved is lost
+
+
+def test_moment_bytes_counts_8_bit_state_as_2_bytes_a_parameter_and_torch_adamw_as_8():
+    """What 'auto' activation checkpointing subtracts per trained parameter for the optimizer's state."""
+    assert moment_bytes({"type": bnb.optim.AdamW8bit}) == moment_bytes({"type": bnb.optim.PagedAdamW8bit}) == 2
+    assert moment_bytes({"type": bnb.optim.AdamW, "optim_bits": 8}) == 2
+    assert moment_bytes({"type": bnb.optim.AdamW}) == 8  # bitsandbytes' 32-bit AdamW: fp32 moments
+    assert moment_bytes({"type": torch.optim.AdamW, "lr": 1e-4}) == 8
+    assert moment_bytes(None) == 8
+
+
+def test_evotune_train_sizes_activation_checkpointing_with_the_optimizers_state(tmp_path, tiny_llama_dir,
+                                                                                small_folder, monkeypatch):
+    """The loop hands parallelize (where 'auto' checkpointing is sized on a GPU) AdamW8bit's 2 bytes."""
+    from evotune.cli import main as cli_main
+    from evotune.train import loop
+
+    seen, original = [], loop.parallelize
+    monkeypatch.setattr(loop, "parallelize", lambda *a, **k: seen.append(k["moment_bytes"]) or original(*a, **k))
+    cfg = _config(tmp_path / "cfg", tiny_llama_dir, small_folder, accum=1)
+    assert cli_main(["train", cfg, "--work-dir", str(tmp_path / "work"), "--device", "cpu"]) == 0
+    assert seen == [2]

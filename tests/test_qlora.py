@@ -114,6 +114,9 @@ def test_trained_weights_become_fp32_frozen_ones_the_compute_dtype_and_4bit_stay
     four = sum(p.nbytes for p in model.parameters() if is_4bit(p))
     assert 0 < four < sum(p.numel() for p in packed.values()) * 4
     assert state_bytes(model, one, REPLICATE, torch.bfloat16) == int(n_trained * 18 + frozen * 4 + four)
+    # bitsandbytes' 8-bit moments (train.optim.moment_bytes): 2 bytes of state per trained parameter, not 8
+    assert state_bytes(model, one, REPLICATE, torch.bfloat16, moment_bytes=2) == int(n_trained * 12 + frozen * 4
+                                                                                     + four)
 
 
 @pytest.fixture

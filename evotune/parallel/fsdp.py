@@ -179,11 +179,14 @@ def storage_summary(model: nn.Module) -> str:
     return f"trained weights {' + '.join(trained) or 'none'}, frozen {' + '.join(frozen)}"
 
 
-def state_bytes(model: nn.Module, pmesh: ParallelMesh, strategy: Strategy, compute_dtype: torch.dtype) -> int:
-    """Estimated device bytes of weights, gradients and AdamW state per rank: 16 per trained parameter
-    (fp32 master, fp32 gradient, two moments) and the stored bytes of a frozen one (compute dtype), over
-    the ranks that shard them, plus the gathered 16-bit copy under mixed precision; 4-bit weights are
-    whole on every rank, and so is a frozen base FSDP2 leaves alone (no gathered copy).
+def state_bytes(model: nn.Module, pmesh: ParallelMesh, strategy: Strategy, compute_dtype: torch.dtype,
+                moment_bytes: int = 8) -> int:
+    """Estimated device bytes of weights, gradients and optimizer state per rank: 8 + ``moment_bytes``
+    per trained parameter (fp32 master, fp32 gradient, the optimizer's state: 8 for AdamW's two moments,
+    2 for bitsandbytes' 8-bit ones, :func:`evotune.train.optim.moment_bytes`) and the stored bytes of a
+    frozen one (compute dtype), over the ranks that shard them, plus the gathered 16-bit copy under mixed
+    precision; 4-bit weights are whole on every rank, and so is a frozen base FSDP2 leaves alone (no
+    gathered copy).
 
     Decoder layers that reshard after forward (``strategy.reshard_after_forward``: zero3, a one-rank LoRA
     run) count no gathered copy: they hold it only while they run, one layer (two with prefetch) of
@@ -203,7 +206,7 @@ def state_bytes(model: nn.Module, pmesh: ParallelMesh, strategy: Strategy, compu
         if is_4bit(p):
             total += p.nbytes
         elif p.requires_grad:
-            total += p.numel() * (16 / n_shards + copy)
+            total += p.numel() * ((8 + moment_bytes) / n_shards + copy)
         elif frozen_alone:
             total += p.numel() * compute_dtype.itemsize
         else:
@@ -213,12 +216,13 @@ def state_bytes(model: nn.Module, pmesh: ParallelMesh, strategy: Strategy, compu
 
 def apply_fast_paths(model: nn.Module, pmesh: ParallelMesh, strategy: Strategy,
                                     device: torch.device, compute_dtype: torch.dtype, tokens: int | None,
-                                    log=print) -> None:
+                                    log=print, moment_bytes: int = 8) -> None:
     """Resolve ``model.activation_checkpointing``, ``torch_compile`` and ``fused_kernels``; apply Liger's
     kernels (on the module instances), then checkpointing, then compilation.
 
     ``tokens``: tokens of one micro-batch on this rank ('auto' sizes activations
-    with it); ``log``: where the choices are printed (None: nowhere).
+    with it); ``log``: where the choices are printed (None: nowhere); ``moment_bytes``:
+    the optimizer's state per trained parameter (:func:`state_bytes`).
     """
     llm, mode = model.llm, model.activation_checkpointing
     if mode == checkpointing.AUTO:
@@ -230,7 +234,8 @@ def apply_fast_paths(model: nn.Module, pmesh: ParallelMesh, strategy: Strategy,
             free, total = torch.cuda.mem_get_info(device)
             choice = checkpointing.choose_mode(checkpointing.measure_activation_bytes(llm, compute_dtype),
                                                len(decoder_layers(llm, "'auto' counts them")), tokens, free,
-                                               total, state_bytes(model, pmesh, strategy, compute_dtype))
+                                               total, state_bytes(model, pmesh, strategy, compute_dtype,
+                                                                  moment_bytes))
         mode = choice.mode
         if log:
             log(f"evotune: activation_checkpointing='auto' -> '{mode}': {choice.reason}")
@@ -252,11 +257,11 @@ def apply_fast_paths(model: nn.Module, pmesh: ParallelMesh, strategy: Strategy,
 
 
 def parallelize(model: nn.Module, pmesh: ParallelMesh, strategy: Strategy, device: torch.device,
-                compute_dtype: torch.dtype, tokens: int | None = None, log=print) -> nn.Module:
+                compute_dtype: torch.dtype, tokens: int | None = None, log=print, moment_bytes: int = 8) -> nn.Module:
     """Checkpointing and compilation (:func:`apply_fast_paths`), then shard ``model``
     (a ``SupervisedFinetune``) in place; one CPU process just gets fp32 weights. The decoder layers
     reshard after forward as ``strategy`` says (:func:`strategy_for` decides), the root never."""
-    apply_fast_paths(model, pmesh, strategy, device, compute_dtype, tokens, log)
+    apply_fast_paths(model, pmesh, strategy, device, compute_dtype, tokens, log, moment_bytes)
     if not uses_fsdp(pmesh):
         _set_dtypes_(model, compute_dtype)
         return model.to(device)

@@ -68,7 +68,7 @@ from evotune.train import workdir
 from evotune.train.evaluate import SAMPLES_FILE, build_sample_evaluator
 from evotune.train.loss_scale import LossScaler
 from evotune.train.nonfinite import SkipBudget
-from evotune.train.optim import build_optimizer, check_optimizer
+from evotune.train.optim import build_optimizer, check_optimizer, moment_bytes
 from evotune.train.preempt import Preempted, StopSignals
 from evotune.train.progress import Progress
 from evotune.train.schedule import build_scheduler
@@ -151,7 +151,7 @@ def _build_model(settings: Settings, dataset, pmesh: ParallelMesh, strategy, env
     # checkpointing ('auto': sized for this micro-batch) and compilation (model/compile.decide) are applied here
     model = parallelize(model, pmesh, strategy, env.device, dtype if env.device.type == "cuda" else torch.float32,
                         tokens=dataset.packed_length * settings.data.batch_size // pmesh.sp_size,
-                        log=print if env.is_main else None)
+                        log=print if env.is_main else None, moment_bytes=moment_bytes(settings.optim.optimizer))
     model.train()
     return _Model(model, llm, dtype, export_dtype, flops)
 

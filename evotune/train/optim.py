@@ -46,6 +46,17 @@ def is_bitsandbytes(optimizer_cls) -> bool:
     return isinstance(optimizer_cls, type) and optimizer_cls.__module__.split(".")[0] == "bitsandbytes"
 
 
+def moment_bytes(spec: dict | None) -> int:
+    """Bytes of optimizer state per trained parameter, for sizing memory before the optimizer exists
+    ('auto' activation checkpointing): 2 for a bitsandbytes 8-bit optimizer (two 1-byte moments; its
+    per-block scales add about 0.04), 8 otherwise (AdamW's two fp32 moments, what XTuner's configs use;
+    one that holds more, such as ``amsgrad``, is counted as AdamW)."""
+    cls = spec.get("type") if isinstance(spec, dict) else None
+    if is_bitsandbytes(cls) and (cls.__name__.endswith("8bit") or spec.get("optim_bits") == 8):
+        return 2
+    return 8
+
+
 def check_optimizer(spec: dict | None, n_shards: int, strategy: str) -> None:
     """Refuse, before the model is built, a bitsandbytes optimizer where FSDP2 splits each parameter."""
     cls = spec.get("type") if isinstance(spec, dict) else None
