@@ -76,11 +76,10 @@ class Fp32Matmul(TorchDispatchMode):
             out = blocked_mm(x.reshape(-1, x.shape[-1]), weight.t()).view(*x.shape[:-1], weight.shape[0])
             return out if bias is None else out + bias
         if func is _aten.bmm.default and _plain_bf16_cpu(args):
-            a, b = args
-            return torch.stack([blocked_mm(a[i], b[i]) for i in range(a.shape[0])])
+            return _blocked_bmm(*args)
         if func is _aten.baddbmm.default and _plain_bf16_cpu(args):
             bias, a, b = args
-            return _scaled_sum(torch.stack([blocked_mm(a[i], b[i]) for i in range(a.shape[0])]), bias, kwargs)
+            return _scaled_sum(_blocked_bmm(a, b), bias, kwargs)
         if str(func) == "bitsandbytes.gemm_4bit.default" and _plain_bf16_cpu(args[:1]):
             # bitsandbytes' CPU kernel is its default one (dequantise, then linear): run that here with
             # this mode on again, so that its product is routed too
@@ -89,6 +88,10 @@ class Fp32Matmul(TorchDispatchMode):
             with self:
                 return _gemm_4bit_default_impl(*args, **kwargs)
         return NotImplemented
+
+
+def _blocked_bmm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return torch.stack([blocked_mm(a[i], b[i]) for i in range(a.shape[0])])
 
 
 def _scaled_sum(product: torch.Tensor, bias: torch.Tensor, kwargs: dict) -> torch.Tensor:

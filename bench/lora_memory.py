@@ -237,7 +237,7 @@ def measure(mode: str, layers: int, args) -> dict:
             "optimizer": type(ctx.optimizer).__name__,
             "step_s": statistics.median(times[args.warmup:]) if len(times) > args.warmup else None,
             "times": times, "losses": losses, "method": pm.method, "notes": notes,
-            "routed_products": getattr(routing, "routed", None)}
+            "routed_products": routing.routed if args.cpu_matmul == "fp32" else None}
 
 
 def full_finetune(args) -> dict:

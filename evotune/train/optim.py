@@ -46,12 +46,17 @@ def is_bitsandbytes(optimizer_cls) -> bool:
     return isinstance(optimizer_cls, type) and optimizer_cls.__module__.split(".")[0] == "bitsandbytes"
 
 
+def _spec_class(spec) -> type | None:
+    """The ``type`` of an optimizer config dict (None for anything else)."""
+    return spec.get("type") if isinstance(spec, dict) else None
+
+
 def moment_bytes(spec: dict | None) -> int:
     """Bytes of optimizer state per trained parameter, for sizing memory before the optimizer exists
     ('auto' activation checkpointing): 2 for a bitsandbytes 8-bit optimizer (two 1-byte moments; its
     per-block scales add about 0.04), 8 otherwise (AdamW's two fp32 moments, what XTuner's configs use;
     one that holds more, such as ``amsgrad``, is counted as AdamW)."""
-    cls = spec.get("type") if isinstance(spec, dict) else None
+    cls = _spec_class(spec)
     if is_bitsandbytes(cls) and (cls.__name__.endswith("8bit") or spec.get("optim_bits") == 8):
         return 2
     return 8
@@ -59,7 +64,7 @@ def moment_bytes(spec: dict | None) -> int:
 
 def check_optimizer(spec: dict | None, n_shards: int, strategy: str) -> None:
     """Refuse, before the model is built, a bitsandbytes optimizer where FSDP2 splits each parameter."""
-    cls = spec.get("type") if isinstance(spec, dict) else None
+    cls = _spec_class(spec)
     if n_shards > 1 and is_bitsandbytes(cls):
         raise EvotuneError(
             f"optim_wrapper.optimizer.type={cls.__module__}.{cls.__name__}: bitsandbytes optimizers update "
@@ -104,7 +109,7 @@ def build_optimizer(spec: dict, params: Iterable, device: torch.device | str) ->
     """``build(spec, params=params)``, with ``fused=True`` added when :func:`wants_fused` says so, and a
     bitsandbytes optimizer over DTensor parameters stepping on their local tensors (module docstring)."""
     params = list(params)
-    cls = spec.get("type") if isinstance(spec, dict) else None
+    cls = _spec_class(spec)
     if (isinstance(spec, dict) and "fused" not in spec and "foreach" not in spec
             and wants_fused(cls, device)):
         spec = {**spec, "fused": True}
